@@ -1,0 +1,3 @@
+"""TFDS builders this project owns. Importing this package registers them with TFDS."""
+
+from alexnet_jax.datasets import digits  # noqa: F401  (registers 'digits')

@@ -1,0 +1,188 @@
+"""TFDS → tf.data input pipeline with the paper's augmentation (§4.1), on the host CPU.
+
+train: decode → resize shorter side to R → center R×R crop → random S×S crop → random horizontal
+       flip → PCA lighting noise → per-channel normalisation
+eval:  decode → resize shorter side to R → center S×S crop → normalisation
+with S = `dataset.image_size` and R = round(S·256/224) (the paper's 256/224 margin).
+
+Randomness is stateless and keyed by (seed, epoch, position in the epoch), so the stream is a pure
+function of the seed: a run resumed at step t sees exactly the batches it would have seen, and the
+augmentation of an example does not depend on the device count. Every train batch carries `index`,
+a run-wide example id that keys the model's dropout masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
+tf.config.set_visible_devices([], 'GPU')
+
+# ImageNet statistics for pixels in [0, 1] (fb.resnet.torch; torchvision mean/std).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))  # rows R, G, B; columns are eigenvectors
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Everything the per-example maps need, read once from `config.dataset`."""
+
+  image_size: int
+  flip: bool
+  lighting_std: float  # 0 turns PCA lighting off
+  eigval: tuple[float, ...]
+  eigvec: tuple[tuple[float, ...], ...]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  @property
+  def resize_size(self) -> int:
+    return round(self.image_size * 256 / 224)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'Preprocess':
+    return cls(image_size=config.image_size, flip=config.flip,
+               lighting_std=config.lighting_std if config.lighting else 0.0,
+               eigval=tuple(config.eigval), eigvec=tuple(map(tuple, config.eigvec)),
+               mean=tuple(config.mean), std=tuple(config.std))
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """JPEG/PNG bytes → uint8 RGB (grayscale is repeated, alpha dropped)."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Shorter side → `size` (bilinear, antialiased), then the central size×size square; float32."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size / tf.reduce_min(shape)
+  new_hw = tf.cast(tf.math.ceil(shape * scale - 1e-3), tf.int32)
+  image = tf.image.resize(image, tf.maximum(new_hw, size), method='bilinear', antialias=True)
+  top = (tf.shape(image)[0] - size) // 2
+  left = (tf.shape(image)[1] - size) // 2
+  return image[top:top + size, left:left + size, :]
+
+
+def pca_lighting(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+  """Adds eigvec @ (alpha * eigval), alpha ~ N(0, std) per image, to every pixel (§4.1)."""
+  alpha = tf.random.stateless_normal([3], seed=seed, stddev=p.lighting_std)
+  rgb = tf.linalg.matvec(tf.constant(p.eigvec, tf.float32), alpha * tf.constant(p.eigval))
+  return image + rgb
+
+
+def normalize(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
+  return (image - tf.constant(p.mean)) / tf.constant(p.std)
+
+
+def train_image(encoded: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+  """One training example; `seed` (shape [2], int64) fixes its crop, flip and lighting."""
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  image = resize_and_center_crop(decode(encoded), p.resize_size) / 255.0
+  image = tf.image.stateless_random_crop(image, [p.image_size, p.image_size, 3], seed=seeds[0])
+  if p.flip:
+    image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+  if p.lighting_std > 0:
+    image = pca_lighting(image, seeds[2], p)
+  return normalize(image, p)
+
+
+def eval_image(encoded: tf.Tensor, p: Preprocess) -> tf.Tensor:
+  image = resize_and_center_crop(decode(encoded), p.resize_size) / 255.0
+  offset = (p.resize_size - p.image_size) // 2
+  image = image[offset:offset + p.image_size, offset:offset + p.image_size, :]
+  return normalize(image, p)
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.dataset`, prepared (our own builders are prepared on demand)."""
+  import alexnet_jax.datasets  # noqa: F401  registers our builders
+  builder = tfds.builder(config.name, data_dir=config.data_dir)
+  manual_dir = config.get('manual_dir')
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None)
+  return builder
+
+
+@dataclasses.dataclass
+class Split:
+  """A split's records, read once; iterate with `train_batches` / `eval_batches`."""
+
+  records: tf.data.Dataset  # {'image': encoded bytes, 'label': int64}
+  num_examples: int
+  num_classes: int
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool) -> Split:
+  if split not in builder.info.splits:
+    raise ValueError(f'split {split!r} is not in {builder.name} (it has '
+                     f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  if cache:
+    ds = ds.cache()
+  return Split(ds, builder.info.splits[split].num_examples,
+               builder.info.features['label'].num_classes)
+
+
+def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
+                  start_step: int = 0, shuffle_buffer: int = 10_000) -> Iterator[dict[str, Any]]:
+  """Endless numpy batches {'image', 'label', 'index'}, epoch after epoch, from `start_step` on.
+
+  Epoch e is the split shuffled with seed (seed, e), cut into full batches (the remainder is
+  dropped); resuming skips the records already consumed before decoding them.
+  """
+  steps_per_epoch = split.num_examples // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'train.batch_size={batch_size} is larger than the training split '
+                     f'({split.num_examples} examples); lower it.')
+  first_epoch, offset = divmod(start_step, steps_per_epoch)
+
+  def epoch(e: int, skip: int) -> tf.data.Dataset:
+    epoch_seed = tf.constant([seed, e], tf.int64)
+    ds = split.records.shuffle(min(shuffle_buffer, split.num_examples),
+                               seed=(seed * 1_000_003 + e) % 2**31, reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(skip * batch_size)
+
+    def example(i, ex):
+      ex_seed = tf.random.experimental.stateless_fold_in(epoch_seed, i)
+      return {'image': train_image(ex['image'], ex_seed, p), 'label': ex['label'],
+              'index': tf.cast(e * split.num_examples + i, tf.int32)}
+
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  for e in itertools.count(first_epoch):
+    yield from tfds.as_numpy(epoch(e, offset if e == first_epoch else 0))
+
+
+def eval_batches(split: Split, p: Preprocess, batch_size: int) -> Iterator[dict[str, Any]]:
+  """One pass in order; the last batch is padded to `batch_size`, `mask` marks real examples."""
+  ds = split.records.map(lambda ex: {'image': eval_image(ex['image'], p), 'label': ex['label']},
+                         num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  for batch in tfds.as_numpy(ds):
+    yield pad_batch(batch, batch_size)
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Pads every array to `batch_size` rows with zeros and adds `mask` (1 = real example)."""
+  n = len(batch['label'])
+  padded = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
+  padded['mask'] = (np.arange(batch_size) < n).astype(np.float32)
+  return padded
+

@@ -1,0 +1,63 @@
+"""The paper's optimiser (§5) as optax: momentum SGD, weight decay, LR ÷10 on validation plateaus.
+
+Two pieces, because they are driven by different clocks:
+  * `make_optimizer` — the per-step update, an optax chain (momentum, weight decay, learning rate);
+  * `make_plateau` — `optax.contrib.reduce_on_plateau`, fed once per evaluation with the validation
+    top-1 error (`update_plateau`); its `scale` multiplies every step's update (`scale_updates`).
+Both states live in the train state, so a checkpoint carries momentum and plateau counters.
+
+Weight decay modes, with v the momentum buffer, g the gradient, lr the current learning rate:
+  coupled   (paper):  v <- m*v + g + wd*w;  w <- w - lr*v        (decay accumulated in momentum)
+  decoupled (default): v <- m*v + g;        w <- w - lr*(v + wd*w) (decay applied after momentum)
+The paper folds lr into v (v <- m*v - lr*(g + wd*w)); that differs from the coupled form above only
+for the few steps after an LR drop, when the paper's v still carries the old learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+WEIGHT_DECAY_MODES = ('decoupled', 'coupled')
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Per-step update from `config.optimizer` (learning_rate, momentum, weight_decay, mode)."""
+  mode = config.weight_decay_mode
+  if mode not in WEIGHT_DECAY_MODES:
+    raise ValueError(f'optimizer.weight_decay_mode={mode!r} is unknown; use one of '
+                     f'{WEIGHT_DECAY_MODES}.')
+  decay = optax.add_decayed_weights(config.weight_decay)
+  momentum = optax.trace(decay=config.momentum, nesterov=False)
+  steps = [decay, momentum] if mode == 'coupled' else [momentum, decay]
+  return optax.chain(*steps, optax.scale(-config.learning_rate))
+
+
+def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """LR × factor after `patience` evaluations without a (relative `rtol`) improvement."""
+  p = config.plateau
+  return optax.contrib.reduce_on_plateau(
+      factor=p.factor, patience=p.patience, rtol=p.rtol, atol=p.atol, cooldown=p.cooldown,
+      min_scale=p.min_scale)
+
+
+def update_plateau(
+    plateau: optax.GradientTransformationExtraArgs, state: Any, val_error: float
+) -> Any:
+  """Feeds one evaluation's validation error to the plateau rule; returns its new state."""
+  _, state = plateau.update(updates=(), state=state, value=jnp.asarray(val_error))
+  return state
+
+
+def scale_updates(updates: Any, plateau_state: Any) -> Any:
+  """Applies the plateau rule's current LR scale to one step's updates."""
+  return jax.tree.map(lambda u: u * plateau_state.scale.astype(u.dtype), updates)
+
+
+def learning_rate(config: ml_collections.ConfigDict, plateau_state: Any) -> jax.Array:
+  """The learning rate in force: the base rate times the plateau scale."""
+  return config.learning_rate * plateau_state.scale

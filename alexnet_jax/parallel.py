@@ -1,0 +1,85 @@
+"""Data parallelism: one pure step, run under `jax.pmap` or `jax.jit` + `shard_map`, all devices.
+
+Both modes give the step the same view: its shard of the global batch, the replicated state, and a
+named axis `AXIS` for `lax.pmean`/`psum`. They differ only in how arrays are laid out:
+  pmap — state carries a leading local-device axis; batches are (local devices, per device, ...);
+  jit  — state is one global array replicated over a `Mesh`; batches are global arrays sharded on
+         their leading axis (`NamedSharding(mesh, P(AXIS))`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = 'batch'
+MODES = ('pmap', 'jit')
+
+
+class Parallel:
+  """Places state and batches on every device and wraps steps for one parallel mode."""
+
+  def __init__(self, mode: str):
+    if mode not in MODES:
+      raise ValueError(f'parallelism={mode!r} is unknown; use one of {MODES}.')
+    self.mode = mode
+    self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
+    # pmap's own device order, so device_put places shard i where pmap reads it.
+    self._local_mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  def check_batch_size(self, global_batch_size: int, what: str = 'train.batch_size') -> None:
+    """Fails before any compilation when the global batch does not split evenly."""
+    if global_batch_size % self.num_devices:
+      raise ValueError(
+          f'{what}={global_batch_size} does not divide evenly over {self.num_devices} devices; '
+          f'use a multiple of {self.num_devices}.')
+
+  def wrap(self, step: Callable[[Any, Any], Any], donate_state: bool = False) -> Callable:
+    """`step(state, batch_shard) -> outputs`, run on all devices; outputs must be replicated."""
+    donate = (0,) if donate_state else ()
+    if self.mode == 'pmap':
+      return jax.pmap(step, axis_name=AXIS, donate_argnums=donate)
+    sharded = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+    return jax.jit(sharded, donate_argnums=donate)
+
+  def put_state(self, state: Any) -> Any:
+    """Host or single-device state → replicated on every device."""
+    if self.mode == 'pmap':
+      n = len(self._local_mesh.devices)
+      return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state),
+                            NamedSharding(self._local_mesh, P(AXIS)))
+    return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+  def get(self, tree: Any) -> Any:
+    """Replicated device values (state, metrics) → one copy, as host numpy arrays."""
+    if self.mode == 'pmap':
+      tree = jax.tree.map(lambda x: x[0], tree)
+    return jax.device_get(tree)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of the global batch → arrays sharded over all devices."""
+    if self.mode == 'pmap':
+      n = len(self._local_mesh.devices)
+      sharding = NamedSharding(self._local_mesh, P(AXIS))
+      return {k: jax.device_put(v.reshape((n, -1) + v.shape[1:]), sharding)
+              for k, v in batch.items()}
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+  def prefetch(self, batches: Iterable[dict[str, np.ndarray]], size: int = 2
+               ) -> Iterator[dict[str, jax.Array]]:
+    """Keeps `size` batches already on the devices ahead of the step."""
+    batches = iter(batches)
+    queue = collections.deque(self.put_batch(b) for b in itertools.islice(batches, size))
+    while queue:
+      yield queue.popleft()
+      queue.extend(self.put_batch(b) for b in itertools.islice(batches, 1))
