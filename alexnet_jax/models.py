@@ -178,6 +178,9 @@ class AlexNet(nn.Module):
   ) -> jax.Array:
     if self.variant not in VARIANTS:
       raise ValueError(f'model.variant={self.variant!r} is unknown; use one of {sorted(VARIANTS)}.')
+    if min(x.shape[1:3]) < min_image_size(self):
+      raise ValueError(f'input {x.shape[1]}x{x.shape[2]} is too small for this model: the side '
+                       f'must be at least {min_image_size(self)} (dataset.image_size).')
     if example_ids is None:
       example_ids = jnp.arange(x.shape[0])
     kernel_init = nn.initializers.normal(self.init_std)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -24,13 +24,15 @@ MODES = ('pmap', 'jit')
 class Parallel:
   """Places state and batches on every device and wraps steps for one parallel mode."""
 
-  def __init__(self, mode: str):
+  def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None):
+    """`devices`: all of them by default (every process's, in multi-host runs)."""
     if mode not in MODES:
       raise ValueError(f'parallelism={mode!r} is unknown; use one of {MODES}.')
     self.mode = mode
-    self.mesh = Mesh(np.array(jax.devices()), (AXIS,))
-    # pmap's own device order, so device_put places shard i where pmap reads it.
-    self._local_mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+    devices = list(devices or jax.devices())
+    self.mesh = Mesh(np.array(devices), (AXIS,))
+    self._local_devices = [d for d in devices if d.process_index == jax.process_index()]
+    self._local_mesh = Mesh(np.array(self._local_devices), (AXIS,))
 
   @property
   def num_devices(self) -> int:
@@ -47,14 +49,18 @@ class Parallel:
     """`step(state, batch_shard) -> outputs`, run on all devices; outputs must be replicated."""
     donate = (0,) if donate_state else ()
     if self.mode == 'pmap':
-      return jax.pmap(step, axis_name=AXIS, donate_argnums=donate)
-    sharded = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+      return jax.pmap(step, axis_name=AXIS, donate_argnums=donate,
+                      devices=self.mesh.devices.tolist())
+    # check_vma=False keeps pmap's autodiff semantics: gradients of the replicated parameters stay
+    # per shard until the step's explicit pmean (with it, JAX would psum them implicitly).
+    sharded = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
+                            check_vma=False)
     return jax.jit(sharded, donate_argnums=donate)
 
   def put_state(self, state: Any) -> Any:
     """Host or single-device state → replicated on every device."""
     if self.mode == 'pmap':
-      n = len(self._local_mesh.devices)
+      n = len(self._local_devices)
       return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state),
                             NamedSharding(self._local_mesh, P(AXIS)))
     return jax.device_put(state, NamedSharding(self.mesh, P()))
@@ -68,7 +74,7 @@ class Parallel:
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the global batch → arrays sharded over all devices."""
     if self.mode == 'pmap':
-      n = len(self._local_mesh.devices)
+      n = len(self._local_devices)
       sharding = NamedSharding(self._local_mesh, P(AXIS))
       return {k: jax.device_put(v.reshape((n, -1) + v.shape[1:]), sharding)
               for k, v in batch.items()}

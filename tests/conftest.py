@@ -1,0 +1,36 @@
+"""Shared fixtures: a prepared copy of the digits data set and a tiny, fast config."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding the prepared digits set (built once per test session)."""
+  from alexnet_jax import input_pipeline
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config = tiny_config(data_dir)
+  input_pipeline.get_builder(config.dataset)
+  return data_dir
+
+
+def tiny_config(data_dir: str):
+  """configs/default.py at the smallest input side and small batches."""
+  from configs import default
+  config = default.get_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.image_size = 63  # the smallest side that keeps a 1x1 map after pool5
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 64
+  config.train.log_every_steps = 2
+  return config
+
+
+@pytest.fixture
+def config(digits_dir):
+  return tiny_config(digits_dir)

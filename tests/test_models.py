@@ -1,0 +1,123 @@
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import models
+from conftest import REPO
+
+
+def lrn_reference(a, size=5, k=2.0, alpha=1e-4, beta=0.75):
+  """The paper's formula, written as a loop over channels."""
+  n_ch = a.shape[-1]
+  out = np.empty_like(a)
+  for i in range(n_ch):
+    lo, hi = max(0, i - size // 2), min(n_ch - 1, i + size // 2)
+    s = np.sum(a[..., lo:hi + 1] ** 2, axis=-1)
+    out[..., i] = a[..., i] / (k + alpha * s) ** beta
+  return out
+
+
+def test_lrn_matches_formula():
+  a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 4, 11)).astype(np.float32)
+  np.testing.assert_allclose(models.local_response_norm(jnp.asarray(a)), lrn_reference(a),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_bfloat16_input_accumulates_in_float32():
+  a = np.random.default_rng(1).normal(scale=30.0, size=(1, 2, 2, 8)).astype(np.float32)
+  out = models.local_response_norm(jnp.asarray(a, jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), lrn_reference(a), rtol=2e-2)
+
+
+def shapes(model, side):
+  return {name: (out, pooled) for name, out, pooled, _ in models.layer_table(model, side)}
+
+
+def test_paper_feature_maps_at_224():
+  s = shapes(models.AlexNet(), 224)
+  assert s['conv1'] == ((55, 55, 96), (27, 27, 96))
+  assert s['conv2'] == ((27, 27, 256), (13, 13, 256))
+  assert s['conv3'][1] == (13, 13, 384) and s['conv4'][1] == (13, 13, 384)
+  assert s['conv5'] == ((13, 13, 256), (6, 6, 256))
+  assert s['fc8'][1] == (1000,)
+
+
+def test_demo_side_and_smallest_side():
+  model = models.AlexNet(num_classes=10)
+  assert models.min_image_size(model) == 63
+  assert shapes(model, 63)['conv5'][1] == (1, 1, 256)
+  assert shapes(model, 64)['fc8'][1] == (10,)
+  with pytest.raises(ValueError, match='at least 63'):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 62, 62, 3)), train=False)
+
+
+def test_non_overlapping_pool_shapes():
+  s = shapes(models.AlexNet(overlapping_pool=False), 224)
+  assert s['conv1'][1] == (27, 27, 96) and s['conv5'][1] == (6, 6, 256)
+
+
+@pytest.mark.parametrize('kwargs,total', [
+    ({}, 60_965_224),
+    ({'groups': 1}, 62_378_344),
+    ({'variant': 'torchvision'}, 61_100_840),
+])
+def test_parameter_counts(kwargs, total):
+  assert sum(row[-1] for row in models.layer_table(models.AlexNet(**kwargs), 224)) == total
+
+
+def test_init_values_per_layer():
+  model = models.AlexNet(num_classes=1000, bias_init=1.0)
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
+                                      train=False))()['params']
+  ones = {'conv2', 'conv4', 'conv5', 'fc6', 'fc7'}
+  for name, layer in params.items():
+    expected_bias = 1.0 if name in ones else 0.0
+    np.testing.assert_array_equal(layer['bias'], expected_bias, err_msg=name)
+    kernel = np.asarray(layer['kernel'])
+    assert abs(kernel.std() - 0.01) < 0.01 * 0.05, (name, kernel.std())
+    assert abs(kernel.mean()) < 0.01 * 0.05, name
+    assert layer['kernel'].dtype == jnp.float32
+
+
+def test_towers_equal_xla_grouped_conv():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+  a = models.conv_towers(x, k, stride=1, padding=1, groups=2, impl='towers')
+  b = models.conv_towers(x, k, stride=1, padding=1, groups=2, impl='grouped')
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Tower 0 only sees the first half of the input channels.
+  x2 = x.at[..., 4:].set(0.0)
+  np.testing.assert_allclose(models.conv_towers(x2, k, stride=1, padding=1, groups=2)[..., :3],
+                             a[..., :3], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_computation_keeps_float32_params():
+  model = models.AlexNet(num_classes=10, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 63, 63, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  assert model.apply(variables, x, train=False).dtype == jnp.float32
+
+
+def test_dropout_mask_follows_example_id_not_position():
+  x = jnp.ones((4, 32))
+  rng = jax.random.PRNGKey(3)
+  a = models.per_example_dropout(x, 0.5, rng, jnp.array([10, 11, 12, 13]))
+  b = models.per_example_dropout(x[:2], 0.5, rng, jnp.array([13, 11]))
+  np.testing.assert_array_equal(a[3], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert set(np.unique(a).tolist()) == {0.0, 2.0}
+  assert not np.array_equal(a[0], a[1])
+
+
+def test_cli_prints_paper_total():
+  out = subprocess.run([sys.executable, '-m', 'alexnet_jax.models'], cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout
+  assert '60,965,224' in out.splitlines()[-1]
+  assert '55x55x96 -> 27x27x96' in out
