@@ -25,13 +25,6 @@ import tensorflow_datasets as tfds
 # TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
 tf.config.set_visible_devices([], 'GPU')
 
-# ImageNet statistics for pixels in [0, 1] (fb.resnet.torch; torchvision mean/std).
-IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-                   (-0.5808, -0.0045, -0.8140),
-                   (-0.5836, -0.6948, 0.4203))  # rows R, G, B; columns are eigenvectors
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)

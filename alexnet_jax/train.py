@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -21,8 +21,11 @@ import numpy as np
 import optax
 import tqdm
 
-from alexnet_jax import checkpoints, input_pipeline, models, optim
+from alexnet_jax import checkpoints, models, optim
 from alexnet_jax.parallel import AXIS, Parallel
+
+if TYPE_CHECKING:
+  from alexnet_jax import input_pipeline
 
 
 @flax.struct.dataclass
@@ -124,6 +127,7 @@ class MetricLogger:
 def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
              pre: input_pipeline.Preprocess, batch_size: int, parallel: Parallel) -> dict[str, float]:
   """Top-1/top-5 error and mean loss over the whole split (center crops)."""
+  from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   sums = [p_eval_step(state, b) for b in
           parallel.prefetch(input_pipeline.eval_batches(split, pre, batch_size))]
   total = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get(sums))
@@ -134,6 +138,7 @@ def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last eval."""
+  from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   parallel = Parallel(config.parallelism)
   parallel.check_batch_size(config.train.batch_size)
   parallel.check_batch_size(config.train.eval_batch_size, 'train.eval_batch_size')

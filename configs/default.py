@@ -10,8 +10,7 @@ for a few minutes on two CPU cores. Reaches about 2-5% validation top-1 error.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from alexnet_jax.input_pipeline import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN,
-                                        IMAGENET_STD)
+from alexnet_jax.color_stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
+from alexnet_jax.color_stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 
 
 @pytest.fixture
@@ -61,8 +62,8 @@ def encoded_test_image(h=40, w=60):
 
 
 def preprocess(**kw):
-  base = dict(image_size=28, flip=False, lighting_std=0.0, eigval=ip.IMAGENET_EIGVAL,
-              eigvec=ip.IMAGENET_EIGVEC, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  base = dict(image_size=28, flip=False, lighting_std=0.0, eigval=IMAGENET_EIGVAL,
+              eigvec=IMAGENET_EIGVEC, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
   return ip.Preprocess(**{**base, **kw})
 
 
@@ -100,7 +101,7 @@ def test_lighting_is_eigvec_times_scaled_alpha():
   np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-5)
   alpha_seed = tf.random.experimental.stateless_split(seed, 3)[2]
   alpha = tf.random.stateless_normal([3], seed=alpha_seed, stddev=0.1).numpy()
-  expected = np.array(ip.IMAGENET_EIGVEC) @ (alpha * np.array(ip.IMAGENET_EIGVAL))
+  expected = np.array(IMAGENET_EIGVEC) @ (alpha * np.array(IMAGENET_EIGVAL))
   np.testing.assert_allclose(shift[0], expected, rtol=1e-4, atol=1e-7)
 
 
