@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from alexnet_jax.errors import ConfigError
 
 # TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
 tf.config.set_visible_devices([], 'GPU')
@@ -99,11 +102,37 @@ def eval_image(encoded: tf.Tensor, p: Preprocess) -> tf.Tensor:
   return normalize(image, p)
 
 
+OFFLINE_BUILDERS = ('digits',)  # ours: prepared from files on this machine, no download
+
+
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of `config.dataset`, prepared (our own builders are prepared on demand)."""
+  """The prepared TFDS builder of `config.dataset`.
+
+  Our own builders are prepared on first use; a set that needs files you download yourself
+  (imagenet2012) is prepared from `dataset.manual_dir`; anything else must already be prepared
+  in `dataset.data_dir` — this never downloads.
+  """
   import alexnet_jax.datasets  # noqa: F401  registers our builders
-  builder = tfds.builder(config.name, data_dir=config.data_dir)
+  name = config.name
+  try:
+    builder = tfds.builder(name, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError(f'dataset.name={name!r} is not a TFDS data set nor one of ours '
+                      f'{OFFLINE_BUILDERS}; check the spelling (e.g. imagenet2012, cifar10).'
+                      ) from None
+  if builder.is_prepared():
+    return builder
   manual_dir = config.get('manual_dir')
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    if not manual_dir or not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+      raise ConfigError(
+          f'{name} is not prepared in {builder.data_dir} and needs files you download yourself: '
+          f'put them in a folder and pass --config.dataset.manual_dir=DIR (got {manual_dir!r}).')
+  elif name.split(':')[0].split('/')[0] not in OFFLINE_BUILDERS:
+    raise ConfigError(
+        f'{name} is not prepared in {builder.data_dir}; this run does not download. Prepare it '
+        f'where there is network (tfds build {name} --data_dir=DIR) and pass '
+        f'--config.dataset.data_dir=DIR.')
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None)
   return builder
@@ -120,7 +149,7 @@ class Split:
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool) -> Split:
   if split not in builder.info.splits:
-    raise ValueError(f'split {split!r} is not in {builder.name} (it has '
+    raise ConfigError(f'split {split!r} is not in {builder.name} (it has '
                      f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
@@ -140,7 +169,7 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
   """
   steps_per_epoch = split.num_examples // batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'train.batch_size={batch_size} is larger than the training split '
+    raise ConfigError(f'train.batch_size={batch_size} is larger than the training split '
                      f'({split.num_examples} examples); lower it.')
   first_epoch, offset = divmod(start_step, steps_per_epoch)
 

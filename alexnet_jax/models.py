@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
@@ -119,7 +121,7 @@ def conv_towers(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int, g
   if impl == 'grouped':
     return conv(x, kernel, feature_group_count=groups)
   if impl != 'towers':
-    raise ValueError(f'model.group_impl={impl!r} is unknown; use one of {GROUP_IMPLS}.')
+    raise ConfigError(f'model.group_impl={impl!r} is unknown; use one of {GROUP_IMPLS}.')
   return jnp.concatenate([conv(xs, ks) for xs, ks in zip(jnp.split(x, groups, axis=-1),
                                                           jnp.split(kernel, groups, axis=-1))],
                          axis=-1)
@@ -144,7 +146,7 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] % self.groups or self.features % self.groups:
-      raise ValueError(f'groups={self.groups} must divide the {x.shape[-1]} input and '
+      raise ConfigError(f'groups={self.groups} must divide the {x.shape[-1]} input and '
                        f'{self.features} output channels of {self.name}.')
     kernel = self.param('kernel', self.kernel_init,
                         (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features))
@@ -172,14 +174,22 @@ class AlexNet(nn.Module):
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
   group_impl: str = 'towers'  # how grouped convolutions run: 'towers' or 'grouped'
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.variant not in VARIANTS:
+      raise ConfigError(f'model.variant={self.variant!r} is unknown; use one of {sorted(VARIANTS)}.')
+    if self.group_impl not in GROUP_IMPLS:
+      raise ConfigError(f'model.group_impl={self.group_impl!r} is unknown; use one of '
+                        f'{GROUP_IMPLS}.')
+    if self.groups < 1:
+      raise ConfigError(f'model.groups={self.groups} must be 1 (one tower) or more.')
+
   @nn.compact
   def __call__(
       self, x: jax.Array, *, train: bool, example_ids: jax.Array | None = None
   ) -> jax.Array:
-    if self.variant not in VARIANTS:
-      raise ValueError(f'model.variant={self.variant!r} is unknown; use one of {sorted(VARIANTS)}.')
     if min(x.shape[1:3]) < min_image_size(self):
-      raise ValueError(f'input {x.shape[1]}x{x.shape[2]} is too small for this model: the side '
+      raise ConfigError(f'input {x.shape[1]}x{x.shape[2]} is too small for this model: the side '
                        f'must be at least {min_image_size(self)} (dataset.image_size).')
     if example_ids is None:
       example_ids = jnp.arange(x.shape[0])
@@ -259,7 +269,7 @@ def count_params(params: Any) -> int:
 def format_table(model: AlexNet, image_size: int) -> str:
   """The architecture table with output shapes and parameter counts, as printed by the CLI."""
   if image_size < min_image_size(model):
-    raise ValueError(f'image size {image_size} is too small: this model needs at least '
+    raise ConfigError(f'image size {image_size} is too small: this model needs at least '
                      f'{min_image_size(model)} to keep a 1x1 map after the last pooling.')
   rows = layer_table(model, image_size)
   lines = [f'AlexNet ({model.variant}, groups={model.groups}, {model.num_classes} classes), '

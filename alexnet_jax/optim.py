@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from alexnet_jax.errors import ConfigError
+
 WEIGHT_DECAY_MODES = ('decoupled', 'coupled')
 
 
@@ -29,7 +31,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """Per-step update from `config.optimizer` (learning_rate, momentum, weight_decay, mode)."""
   mode = config.weight_decay_mode
   if mode not in WEIGHT_DECAY_MODES:
-    raise ValueError(f'optimizer.weight_decay_mode={mode!r} is unknown; use one of '
+    raise ConfigError(f'optimizer.weight_decay_mode={mode!r} is unknown; use one of '
                      f'{WEIGHT_DECAY_MODES}.')
   decay = optax.add_decayed_weights(config.weight_decay)
   momentum = optax.trace(decay=config.momentum, nesterov=False)

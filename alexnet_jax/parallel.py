@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from alexnet_jax.errors import ConfigError
+
 AXIS = 'batch'
 MODES = ('pmap', 'jit')
 
@@ -27,7 +29,7 @@ class Parallel:
   def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None):
     """`devices`: all of them by default (every process's, in multi-host runs)."""
     if mode not in MODES:
-      raise ValueError(f'parallelism={mode!r} is unknown; use one of {MODES}.')
+      raise ConfigError(f'parallelism={mode!r} is unknown; use one of {MODES}.')
     self.mode = mode
     devices = list(devices or jax.devices())
     self.mesh = Mesh(np.array(devices), (AXIS,))
@@ -41,7 +43,7 @@ class Parallel:
   def check_batch_size(self, global_batch_size: int, what: str = 'train.batch_size') -> None:
     """Fails before any compilation when the global batch does not split evenly."""
     if global_batch_size % self.num_devices:
-      raise ValueError(
+      raise ConfigError(
           f'{what}={global_batch_size} does not divide evenly over {self.num_devices} devices; '
           f'use a multiple of {self.num_devices}.')
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import flax
 import jax
@@ -22,6 +23,7 @@ import optax
 import tqdm
 
 from alexnet_jax import checkpoints, models, optim
+from alexnet_jax.errors import ConfigError, TrainingStopped
 from alexnet_jax.parallel import AXIS, Parallel
 
 if TYPE_CHECKING:
@@ -37,8 +39,13 @@ class TrainState:
   rng: jax.Array  # base key; step t uses fold_in(rng, t)
 
 
+DTYPES = ('float32', 'bfloat16')
+
+
 def make_model(config: ml_collections.ConfigDict, num_classes: int) -> models.AlexNet:
   m = config.model
+  if m.dtype not in DTYPES:
+    raise ConfigError(f'model.dtype={m.dtype!r} is not supported; use one of {DTYPES}.')
   return models.AlexNet(num_classes=num_classes, variant=m.variant, lrn=m.lrn,
                         overlapping_pool=m.overlapping_pool, groups=m.groups,
                         dropout_rate=m.dropout_rate, bias_init=m.bias_init, init_std=m.init_std,
@@ -67,7 +74,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.AlexNet,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on this device's shard; gradients are averaged over the global batch."""
+  """One SGD step on this device's shard; gradients are averaged over the global batch.
+
+  A step whose loss or gradients are not finite changes nothing (parameters and optimiser state
+  are kept) and reports `nonfinite_steps` = 1; the loop decides whether to stop.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -77,12 +88,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)  # equal shards: mean of means = global-batch mean
+  loss = jax.lax.pmean(loss, AXIS)
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, optim.scale_updates(updates, state.plateau_state))
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+  new_state = state.replace(step=state.step + 1,
+                            params=jax.tree.map(keep_if_bad, params, state.params),
+                            opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state))
   metrics = {'train_loss': loss,
-             'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label'])}
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, jax.lax.pmean(metrics, AXIS)
+             'train_top1_error': jax.lax.pmean(
+                 jnp.mean(jnp.argmax(logits, -1) != batch['label']), AXIS),
+             'nonfinite_steps': 1 - finite.astype(jnp.int32)}
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
@@ -99,14 +118,26 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 class MetricLogger:
-  """Writes metrics to `WORKDIR/metrics.jsonl` (one object a line) and TensorBoard event files."""
+  """Writes metrics to `WORKDIR/metrics.jsonl` (one object a line) and TensorBoard event files.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  On resume from step s, lines past s (written after the checkpoint the run restarts from) are
+  dropped, so the file reads as if the run had never stopped.
+  """
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
     self.enabled = enabled
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    path = os.path.join(workdir, 'metrics.jsonl')
+    lines = []
+    if os.path.exists(path):
+      with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+    with open(path, 'w') as f:
+      f.writelines(lines)
+    self._jsonl = open(path, 'a')
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, **scalars: float) -> None:
     if not self.enabled:
@@ -124,6 +155,25 @@ class MetricLogger:
       self._tb.close()
 
 
+class StopSignal:
+  """Within `with`, SIGTERM/SIGINT only set `received`: the loop ends the step and checkpoints."""
+
+  def __init__(self):
+    self.received: int | None = None
+
+  def __enter__(self) -> 'StopSignal':
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
 def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
              pre: input_pipeline.Preprocess, batch_size: int, parallel: Parallel) -> dict[str, float]:
   """Top-1/top-5 error and mean loss over the whole split (center crops)."""
@@ -136,13 +186,39 @@ def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
           'val_top5_error': total['top5_errors'] / count, 'val_loss': total['loss'] / count}
 
 
+def check_train_config(config: ml_collections.ConfigDict, parallel: Parallel) -> None:
+  """The checks that need no data: fail in a second, before anything is compiled or written."""
+  t = config.train
+  parallel.check_batch_size(t.batch_size)
+  parallel.check_batch_size(t.eval_batch_size, 'train.eval_batch_size')
+  if t.on_nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use 'stop' or 'skip'.")
+  if t.log_every_steps <= 0:
+    raise ConfigError(f'train.log_every_steps={t.log_every_steps} must be positive.')
+  if t.checkpoint_every_steps < 0 or t.checkpoint_every_steps % t.log_every_steps:
+    raise ConfigError(
+        f'train.checkpoint_every_steps={t.checkpoint_every_steps} must be a multiple of '
+        f'train.log_every_steps={t.log_every_steps} (0: checkpoint at epoch ends only), so a '
+        f'resumed run logs exactly what an uninterrupted one does.')
+  optim.make_optimizer(config.optimizer)  # validates weight_decay_mode
+  make_model(config, num_classes=2)  # validates the model fields
+
+
+def poison(batches: Iterator[dict[str, np.ndarray]], first_step: int,
+           nan_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """Test hook (`train.debug_nan_step`): the batch of step `nan_step` becomes NaN."""
+  for step, batch in enumerate(batches, first_step):
+    if step == nan_step:
+      batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+    yield batch
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last eval."""
   from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   parallel = Parallel(config.parallelism)
-  parallel.check_batch_size(config.train.batch_size)
-  parallel.check_batch_size(config.train.eval_batch_size, 'train.eval_batch_size')
-  os.makedirs(workdir, exist_ok=True)
+  check_train_config(config, parallel)
+  checkpoints.check_config(workdir, config)
 
   builder = input_pipeline.get_builder(config.dataset)
   train_split = input_pipeline.load_split(builder, config.dataset.train_split, config.dataset.cache)
@@ -151,37 +227,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if num_classes == -1:
     num_classes = train_split.num_classes
   elif num_classes != train_split.num_classes:
-    raise ValueError(f'model.num_classes={num_classes} but {config.dataset.name} has '
-                     f'{train_split.num_classes} classes; set it to -1 to follow the data.')
+    raise ConfigError(f'model.num_classes={num_classes} but {config.dataset.name} has '
+                      f'{train_split.num_classes} classes; set it to -1 to follow the data.')
   model = make_model(config, num_classes)
   pre = input_pipeline.Preprocess.from_config(config.dataset)
   if pre.image_size < models.min_image_size(model):
-    raise ValueError(f'dataset.image_size={pre.image_size} is too small for this model; use at '
-                     f'least {models.min_image_size(model)}.')
+    raise ConfigError(f'dataset.image_size={pre.image_size} is too small for this model; use at '
+                      f'least {models.min_image_size(model)}.')
 
+  checkpoints.write_config(workdir, config)
   tx = optim.make_optimizer(config.optimizer)
   plateau = optim.make_plateau(config.optimizer)
   state = create_train_state(model, tx, plateau, pre.image_size, config.seed)
   manager = checkpoints.make_manager(workdir, config.train.checkpoint_max_to_keep)
-  restored = checkpoints.restore_latest(manager, jax.device_get(state))
-  if restored is not None:
-    state = restored
+  state = checkpoints.restore(manager, jax.device_get(state)) or state
   start_step = int(state.step)
 
   steps_per_epoch = train_split.num_examples // config.train.batch_size
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.num_train_steps > 0:
     total_steps = min(total_steps, config.train.num_train_steps)
+  every = config.train.checkpoint_every_steps
 
   is_main = jax.process_index() == 0
-  logger = MetricLogger(workdir, enabled=is_main)
+  logger = MetricLogger(workdir, start_step, enabled=is_main)
   p_train_step = parallel.wrap(functools.partial(train_step, model=model, tx=tx),
                                donate_state=True)
   p_eval_step = parallel.wrap(functools.partial(eval_step, model=model))
   state = parallel.put_state(state)
-  batches = parallel.prefetch(input_pipeline.train_batches(
+  batches = input_pipeline.train_batches(
       train_split, pre, config.train.batch_size, seed=config.seed, start_step=start_step,
-      shuffle_buffer=config.dataset.shuffle_buffer))
+      shuffle_buffer=config.dataset.shuffle_buffer)
+  batches = parallel.prefetch(poison(batches, start_step + 1, config.train.debug_nan_step))
 
   if is_main and start_step:
     print(f'Resuming from step {start_step} (epoch {start_step / steps_per_epoch:.2f}) '
@@ -191,35 +268,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[dict[str, jax.Array]] = []
   last_eval: dict[str, float] = {}
   tick, tick_step = time.perf_counter(), start_step
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = p_train_step(state, next(batches))
-    pending.append(metrics)  # stays on device until the next log line
-    bar.update(1)
-    if step % config.train.log_every_steps == 0 or step == total_steps:
-      host = parallel.get(pending)
-      train = jax.tree.map(lambda *xs: float(np.mean(xs)), *host)
-      pending = []
-      now = time.perf_counter()
-      images_per_s = (step - tick_step) * config.train.batch_size / (now - tick)
-      tick, tick_step = now, step
-      lr = float(optim.learning_rate(config.optimizer, parallel.get(state.plateau_state)))
-      logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr,
-                   images_per_second=images_per_s, **train)
-      bar.set_postfix(loss=f'{train["train_loss"]:.4f}', img_s=f'{images_per_s:.0f}')
-    if step % steps_per_epoch == 0 or step == total_steps:
-      last_eval = evaluate(p_eval_step, state, eval_split, pre, config.train.eval_batch_size,
-                           parallel)
-      host_state = parallel.get(state)
-      host_state = host_state.replace(plateau_state=optim.update_plateau(
-          plateau, host_state.plateau_state, last_eval['val_top1_error']))
-      lr = float(optim.learning_rate(config.optimizer, host_state.plateau_state))
-      logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr, **last_eval)
-      bar.write(f'step {step} epoch {step / steps_per_epoch:.2f}: '
-                f'val top-1 {last_eval["val_top1_error"]:.4f} '
-                f'top-5 {last_eval["val_top5_error"]:.4f} lr {lr:.3g}')
-      checkpoints.save(manager, step, host_state)
-      state = parallel.put_state(host_state)
+  with StopSignal() as stop:
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = p_train_step(state, next(batches))
+      pending.append(metrics)  # stays on device until the next log line
+      bar.update(1)
+      epoch_end = step % steps_per_epoch == 0 or step == total_steps
+      save_now = epoch_end or (every and step % every == 0) or stop.received
+      if step % config.train.log_every_steps == 0 or save_now:
+        host = parallel.get(pending)
+        bad = [step - len(host) + 1 + i for i, m in enumerate(host) if m['nonfinite_steps']]
+        if bad and config.train.on_nonfinite == 'stop':
+          last = manager.latest_step()
+          raise TrainingStopped(
+              f'non-finite loss or gradient at step {bad[0]} (the update was not applied); '
+              f'stopped. Last good checkpoint: '
+              f'{f"step {last} in {manager.directory}" if last is not None else "none yet"}. '
+              f'Lower optimizer.learning_rate or set --config.train.on_nonfinite=skip.')
+        train = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        train['nonfinite_steps'] = len(bad)
+        pending = []
+        now = time.perf_counter()
+        images_per_s = (step - tick_step) * config.train.batch_size / (now - tick)
+        tick, tick_step = now, step
+        lr = float(optim.learning_rate(config.optimizer, parallel.get(state.plateau_state)))
+        logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr,
+                     images_per_second=images_per_s, **train)
+        bar.set_postfix(loss=f'{train["train_loss"]:.4f}', img_s=f'{images_per_s:.0f}')
+      if save_now:
+        host_state = parallel.get(state)
+        if epoch_end:
+          last_eval = evaluate(p_eval_step, state, eval_split, pre, config.train.eval_batch_size,
+                               parallel)
+          host_state = host_state.replace(plateau_state=optim.update_plateau(
+              plateau, host_state.plateau_state, last_eval['val_top1_error']))
+          lr = float(optim.learning_rate(config.optimizer, host_state.plateau_state))
+          logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr, **last_eval)
+          bar.write(f'step {step} epoch {step / steps_per_epoch:.2f}: '
+                    f'val top-1 {last_eval["val_top1_error"]:.4f} '
+                    f'top-5 {last_eval["val_top5_error"]:.4f} lr {lr:.3g}')
+          state = parallel.put_state(host_state)
+        _save(manager, step, host_state, last_eval if epoch_end else None)
+      if stop.received:
+        bar.write(f'Stopped by {signal.Signals(stop.received).name} at step {step} (epoch '
+                  f'{step / steps_per_epoch:.2f}); checkpoint saved in {manager.directory}. '
+                  f'Run the same command to resume.')
+        break
   bar.close()
   logger.close()
   manager.close()
   return last_eval
+
+
+def _save(manager, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:
+  try:
+    checkpoints.save(manager, step, state, metrics)
+  except Exception as e:  # OSError, or tensorstore's ValueError naming the os error
+    last = manager.latest_step()
+    reason = str(e).strip().splitlines()[-1][-200:]
+    raise TrainingStopped(
+        f'could not write checkpoint {step} to {manager.directory} ({reason}); the previous '
+        f'checkpoint ({f"step {last}" if last is not None else "none"}) is intact. Free disk '
+        f'space and run the same command to resume.') from e

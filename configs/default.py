@@ -55,7 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 30
   c.train.num_train_steps = -1  # -1: no cap; a cap makes short smoke runs
   c.train.log_every_steps = 10
-  c.train.checkpoint_max_to_keep = 3
+  c.train.checkpoint_every_steps = 0  # also checkpoint every N steps (a multiple of log_every)
+  c.train.checkpoint_max_to_keep = 3  # the newest N, plus the best by val top-1 error
+  c.train.on_nonfinite = 'stop'  # NaN/Inf loss or gradient: 'stop', or 'skip' the update
+  c.train.allow_config_change = False  # resume a workdir whose stored config differs
+  c.train.debug_nan_step = -1  # test hook: make the batch of this step NaN
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.01

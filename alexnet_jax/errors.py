@@ -1,0 +1,9 @@
+"""Errors the user can act on. `main` prints their one-line message and exits non-zero."""
+
+
+class ConfigError(ValueError):
+  """A bad input (config value, data set, workdir) detected before any long computation."""
+
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss with train.on_nonfinite='stop')."""
