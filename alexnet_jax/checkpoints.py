@@ -41,17 +41,20 @@ def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
-  """Writes `state` as checkpoint `step` and waits until it is complete on disk."""
+  """Writes `state` (global arrays, see Parallel.replicated) as checkpoint `step`; every
+  process calls it, orbax coordinates who writes what."""
   manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
   manager.wait_until_finished()
 
 
-def restore(manager: ocp.CheckpointManager, like: Any, step: int | None = None) -> Any | None:
-  """Checkpoint `step` (default: the newest) in the structure of `like`; None if there is none."""
+def restore(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
+            step: int | None = None) -> Any | None:
+  """Checkpoint `step` (default: the newest) in the structure of `like`, as arrays with
+  `sharding`; None if there is none."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 

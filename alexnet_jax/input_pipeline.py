@@ -140,32 +140,41 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 @dataclasses.dataclass
 class Split:
-  """A split's records, read once; iterate with `train_batches` / `eval_batches`."""
+  """This process's shard of a split, read once; iterate with `train_batches` / `eval_batches`."""
 
   records: tf.data.Dataset  # {'image': encoded bytes, 'label': int64}
-  num_examples: int
+  num_examples: int  # in this shard
   num_classes: int
+  shard: int = 0  # this process's index among `num_shards` (one shard per process)
+  num_shards: int = 1
+  largest_shard: int = 0  # examples in the largest shard: every process runs as many eval steps
 
 
-def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool) -> Split:
+def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, shard: int = 0,
+               num_shards: int = 1, drop_remainder: bool = False) -> Split:
+  """Shard `shard` of `num_shards` equal parts of `split` (TFDS split slicing, one per process)."""
   if split not in builder.info.splits:
     raise ConfigError(f'split {split!r} is not in {builder.name} (it has '
-                     f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
-  ds = builder.as_dataset(split=split, shuffle_files=False,
+                      f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
+  parts = (tfds.even_splits(split, n=num_shards, drop_remainder=drop_remainder)
+           if num_shards > 1 else [split])
+  sizes = [builder.info.splits[part].num_examples for part in parts]
+  ds = builder.as_dataset(split=parts[shard], shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
   if cache:
     ds = ds.cache()
-  return Split(ds, builder.info.splits[split].num_examples,
-               builder.info.features['label'].num_classes)
+  return Split(ds, sizes[shard], builder.info.features['label'].num_classes, shard, num_shards,
+               max(sizes))
 
 
 def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 10_000) -> Iterator[dict[str, Any]]:
   """Endless numpy batches {'image', 'label', 'index'}, epoch after epoch, from `start_step` on.
 
-  Epoch e is the split shuffled with seed (seed, e), cut into full batches (the remainder is
-  dropped); resuming skips the records already consumed before decoding them.
+  Epoch e is the shard shuffled with seed (seed, e), cut into full batches (the remainder is
+  dropped); resuming skips the records already consumed before decoding them. `index` is unique
+  over the whole run and all processes; it keys the example's augmentation and dropout.
   """
   steps_per_epoch = split.num_examples // batch_size
   if steps_per_epoch == 0:
@@ -180,9 +189,10 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
     ds = ds.enumerate().skip(skip * batch_size)
 
     def example(i, ex):
-      ex_seed = tf.random.experimental.stateless_fold_in(epoch_seed, i)
+      index = (e * split.num_shards + split.shard) * split.num_examples + i
+      ex_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
       return {'image': train_image(ex['image'], ex_seed, p), 'label': ex['label'],
-              'index': tf.cast(e * split.num_examples + i, tf.int32)}
+              'index': tf.cast(index, tf.int32)}
 
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -192,12 +202,19 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
 
 
 def eval_batches(split: Split, p: Preprocess, batch_size: int) -> Iterator[dict[str, Any]]:
-  """One pass in order; the last batch is padded to `batch_size`, `mask` marks real examples."""
+  """One pass in order; batches are padded to `batch_size` (`mask` = 1 marks real examples), and
+  a shard smaller than the largest one ends with empty batches, so all processes step together."""
   ds = split.records.map(lambda ex: {'image': eval_image(ex['image'], p), 'label': ex['label']},
                          num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  count = 0
   for batch in tfds.as_numpy(ds):
+    count += 1
     yield pad_batch(batch, batch_size)
+  empty = {'image': np.zeros((0, p.image_size, p.image_size, 3), np.float32),
+           'label': np.zeros((0,), np.int64)}
+  for _ in range(count, -(-split.largest_shard // batch_size)):
+    yield pad_batch(empty, batch_size)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

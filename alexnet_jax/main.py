@@ -17,6 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-host: either all three by hand, or --distributed for JAX's cluster auto-detection.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (multi-host runs started by hand).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'jax.distributed.initialize() from the cluster environment (SLURM, '
+    'Open MPI, Kubernetes...); not needed with --coordinator_address.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -24,6 +32,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from alexnet_jax import train  # imported late so --help stays fast
   from alexnet_jax.errors import ConfigError, TrainingStopped
   try:

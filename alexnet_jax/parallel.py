@@ -40,13 +40,6 @@ class Parallel:
   def num_devices(self) -> int:
     return self.mesh.size
 
-  def check_batch_size(self, global_batch_size: int, what: str = 'train.batch_size') -> None:
-    """Fails before any compilation when the global batch does not split evenly."""
-    if global_batch_size % self.num_devices:
-      raise ConfigError(
-          f'{what}={global_batch_size} does not divide evenly over {self.num_devices} devices; '
-          f'use a multiple of {self.num_devices}.')
-
   def wrap(self, step: Callable[[Any, Any], Any], donate_state: bool = False) -> Callable:
     """`step(state, batch_shard) -> outputs`, run on all devices; outputs must be replicated."""
     donate = (0,) if donate_state else ()
@@ -60,18 +53,46 @@ class Parallel:
     return jax.jit(sharded, donate_argnums=donate)
 
   def put_state(self, state: Any) -> Any:
-    """Host or single-device state → replicated on every device."""
+    """Host state (the same in every process) → replicated on every device."""
     if self.mode == 'pmap':
       n = len(self._local_devices)
       return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state),
                             NamedSharding(self._local_mesh, P(AXIS)))
-    return jax.device_put(state, NamedSharding(self.mesh, P()))
+    return self.replicated(state)
+
+  @property
+  def replicated_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def replicated(self, tree: Any) -> Any:
+    """Host arrays (the same in every process) → global arrays replicated over the mesh: jit's
+    state layout, and the layout checkpoints are written and read in, whatever the mode."""
+    return jax.tree.map(lambda x: jax.make_array_from_callback(
+        np.shape(x), self.replicated_sharding, lambda index: np.asarray(x)[index]), tree)
 
   def get(self, tree: Any) -> Any:
-    """Replicated device values (state, metrics) → one copy, as host numpy arrays."""
-    if self.mode == 'pmap':
-      tree = jax.tree.map(lambda x: x[0], tree)
-    return jax.device_get(tree)
+    """Replicated device values (state, metrics; pmap or replicated layout) → this process's
+    copy, as numpy arrays."""
+    def local_copy(x):
+      shard = np.asarray(x.addressable_data(0))
+      spec = getattr(x.sharding, 'spec', ())
+      return shard[0] if spec and spec[0] is not None else shard  # pmap layout: (1, ...) shards
+    return jax.tree.map(local_copy, tree)
+
+  @property
+  def num_processes(self) -> int:
+    return len({d.process_index for d in self.mesh.devices.flat})
+
+  def check_batch_size(self, global_batch_size: int, what: str = 'train.batch_size') -> None:
+    """Fails before any compilation when the global batch does not split evenly."""
+    if global_batch_size % self.num_devices:
+      raise ConfigError(
+          f'{what}={global_batch_size} does not divide evenly over {self.num_devices} devices; '
+          f'use a multiple of {self.num_devices}.')
+
+  def local_batch_size(self, global_batch_size: int) -> int:
+    """The rows of each global batch that this process reads and feeds."""
+    return global_batch_size // self.num_processes
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the global batch → arrays sharded over all devices."""

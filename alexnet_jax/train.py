@@ -221,8 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints.check_config(workdir, config)
 
   builder = input_pipeline.get_builder(config.dataset)
-  train_split = input_pipeline.load_split(builder, config.dataset.train_split, config.dataset.cache)
-  eval_split = input_pipeline.load_split(builder, config.dataset.eval_split, config.dataset.cache)
+  shard = dict(shard=jax.process_index(), num_shards=jax.process_count())
+  train_split = input_pipeline.load_split(builder, config.dataset.train_split, config.dataset.cache,
+                                          drop_remainder=True, **shard)
+  eval_split = input_pipeline.load_split(builder, config.dataset.eval_split, config.dataset.cache,
+                                         **shard)
   num_classes = config.model.num_classes
   if num_classes == -1:
     num_classes = train_split.num_classes
@@ -240,10 +243,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plateau = optim.make_plateau(config.optimizer)
   state = create_train_state(model, tx, plateau, pre.image_size, config.seed)
   manager = checkpoints.make_manager(workdir, config.train.checkpoint_max_to_keep)
-  state = checkpoints.restore(manager, jax.device_get(state)) or state
+  state = jax.device_get(state)
+  restored = checkpoints.restore(manager, state, parallel.replicated_sharding)
+  if restored is not None:
+    state = parallel.get(restored)
   start_step = int(state.step)
 
-  steps_per_epoch = train_split.num_examples // config.train.batch_size
+  batch_size = parallel.local_batch_size(config.train.batch_size)  # this process's rows
+  steps_per_epoch = train_split.num_examples // batch_size
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.num_train_steps > 0:
     total_steps = min(total_steps, config.train.num_train_steps)
@@ -256,15 +263,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p_eval_step = parallel.wrap(functools.partial(eval_step, model=model))
   state = parallel.put_state(state)
   batches = input_pipeline.train_batches(
-      train_split, pre, config.train.batch_size, seed=config.seed, start_step=start_step,
+      train_split, pre, batch_size, seed=config.seed, start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer)
   batches = parallel.prefetch(poison(batches, start_step + 1, config.train.debug_nan_step))
 
-  if is_main and start_step:
-    print(f'Resuming from step {start_step} (epoch {start_step / steps_per_epoch:.2f}) '
-          f'in {workdir}', flush=True)
   bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, unit='step',
                   dynamic_ncols=True)
+  say = bar.write if is_main else lambda text: None  # tqdm.write prints even when disabled
+  if start_step:
+    say(f'Resuming from step {start_step} (epoch {start_step / steps_per_epoch:.2f}) in {workdir}')
   pending: list[dict[str, jax.Array]] = []
   last_eval: dict[str, float] = {}
   tick, tick_step = time.perf_counter(), start_step
@@ -298,19 +305,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if save_now:
         host_state = parallel.get(state)
         if epoch_end:
-          last_eval = evaluate(p_eval_step, state, eval_split, pre, config.train.eval_batch_size,
-                               parallel)
+          last_eval = evaluate(p_eval_step, state, eval_split, pre,
+                               parallel.local_batch_size(config.train.eval_batch_size), parallel)
           host_state = host_state.replace(plateau_state=optim.update_plateau(
               plateau, host_state.plateau_state, last_eval['val_top1_error']))
           lr = float(optim.learning_rate(config.optimizer, host_state.plateau_state))
           logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr, **last_eval)
-          bar.write(f'step {step} epoch {step / steps_per_epoch:.2f}: '
+          say(f'step {step} epoch {step / steps_per_epoch:.2f}: '
                     f'val top-1 {last_eval["val_top1_error"]:.4f} '
                     f'top-5 {last_eval["val_top5_error"]:.4f} lr {lr:.3g}')
           state = parallel.put_state(host_state)
-        _save(manager, step, host_state, last_eval if epoch_end else None)
+        _save(manager, step, parallel.replicated(host_state), last_eval if epoch_end else None)
       if stop.received:
-        bar.write(f'Stopped by {signal.Signals(stop.received).name} at step {step} (epoch '
+        say(f'Stopped by {signal.Signals(stop.received).name} at step {step} (epoch '
                   f'{step / steps_per_epoch:.2f}); checkpoint saved in {manager.directory}. '
                   f'Run the same command to resume.')
         break

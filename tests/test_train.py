@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from alexnet_jax import train
 from alexnet_jax.parallel import Parallel
@@ -13,14 +14,23 @@ EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_co
                  'PYTHONPATH': os.pathsep.join([REPO, os.path.join(REPO, 'tests')])}
 
 
-def test_one_device_pmap8_jit8_train_identically():
-  out = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'parallel_check.py'), '4'],
-                       env=EIGHT_DEVICES, cwd=REPO, capture_output=True, text=True)
+CHECK = os.path.join(REPO, 'tests', 'parallel_check.py')
+
+
+@pytest.fixture(scope='module')
+def single_process():
+  """1 device, pmap on 8 and jit on 8, 3 steps each, in one 8-device process."""
+  out = subprocess.run([sys.executable, CHECK, '3'], env=EIGHT_DEVICES, cwd=REPO,
+                       capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_one_device_pmap8_jit8_train_identically(single_process):
+  results = single_process
   one = results['one']['losses']
   no_dropout = results['one_no_dropout']['losses']
-  assert no_dropout[-1] < no_dropout[0] - 0.1, no_dropout  # the same batch 4 times: it must fall
+  assert no_dropout[-1] < no_dropout[0] - 0.1, no_dropout  # the same batch 3 times: it must fall
   for name in ('pmap8', 'jit8'):
     np.testing.assert_allclose(results[name]['losses'], one, rtol=1e-5)
     assert results[name]['max_rel_param_diff'] <= 1e-5, (name, results[name])
@@ -73,11 +83,52 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path, digits_dir):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '5']
 
 
-def test_cli_jit_on_eight_devices(tmp_path, digits_dir):
+@pytest.mark.parametrize('mode', ['pmap', 'jit'])
+def test_two_processes_train_like_one(single_process, mode):
+  """Two processes on localhost (4 CPU devices each, gloo collectives), each feeding its half
+  of the global batch, end with the parameters of the single-process run."""
+  port = str(20000 + os.getpid() % 20000)
+  env = {**EIGHT_DEVICES, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  procs = [subprocess.Popen([sys.executable, CHECK, '3', mode, str(i), '2', port], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one = single_process['one']
+  for stdout, _ in outs:
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result['devices'] == 8
+    np.testing.assert_allclose(result['losses'], one['losses'], rtol=1e-5)
+    np.testing.assert_allclose(result['param_head'], one['param_head'], rtol=1e-5, atol=1e-7)
+    assert result['param_sum'] == pytest.approx(one['param_sum'], rel=1e-5)
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'jit'])
+def test_cli_on_eight_devices(tmp_path, digits_dir, mode):
   out = run_cli(tmp_path, digits_dir, '--config.train.num_train_steps=2',
-                '--config.parallelism=jit', env=EIGHT_DEVICES)
+                f'--config.parallelism={mode}', env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr[-3000:]
   assert [l['step'] for l in read_metrics(tmp_path)] == [2, 2]
+
+
+def test_cli_two_processes_on_localhost(tmp_path, digits_dir):
+  """The README's two-process command, as written there (plus the tiny-run overrides)."""
+  port = str(20000 + (os.getpid() + 1) % 20000)
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'alexnet_jax.main', '--config=configs/default.py',
+       f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
+       f'--process_id={i}', f'--config.dataset.data_dir={digits_dir}',
+       '--config.dataset.image_size=63', '--config.train.batch_size=16',
+       '--config.train.log_every_steps=2', '--config.train.num_train_steps=2'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  lines = read_metrics(tmp_path)  # written by process 0 only: one train and one eval line
+  assert [l['step'] for l in lines] == [2, 2]
+  assert 0.0 <= lines[1]['val_top1_error'] <= 1.0
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']
 
 
 def test_evaluate_counts_every_example_once(config, digits_dir):
