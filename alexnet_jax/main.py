@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with a bad `--config.x=v` (unknown field, wrong type) as one line, not a trace."""
+  """absl parsing; a bad `--config.x=v` (unknown field, wrong type) is one line, not a trace."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

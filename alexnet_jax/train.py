@@ -174,8 +174,8 @@ class StopSignal:
       signal.signal(s, handler)
 
 
-def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
-             pre: input_pipeline.Preprocess, batch_size: int, parallel: Parallel) -> dict[str, float]:
+def evaluate(p_eval_step, state: Any, split: input_pipeline.Split, pre: input_pipeline.Preprocess,
+             batch_size: int, parallel: Parallel) -> dict[str, float]:
   """Top-1/top-5 error and mean loss over the whole split (center crops)."""
   from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   sums = [p_eval_step(state, b) for b in

@@ -147,13 +147,16 @@ EIGHT = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
 
 @pytest.mark.parametrize('overrides,message', [
-    (['--config.train.batch_siz=8'], "'batch_siz' is not a config field (did you mean 'batch_size'?)"),
+    (['--config.train.batch_siz=8'],
+     "'batch_siz' is not a config field (did you mean 'batch_size'?)"),
     (['--config.train.batch_size=eight'], 'flag --config.train.batch_size=eight: invalid literal'),
     (['--config.train.batch_size=60'], 'train.batch_size=60 does not divide evenly over 8 devices'),
-    (['--config.dataset.name=no_such_set', ALLOW], "dataset.name='no_such_set' is not a TFDS data set"),
+    (['--config.dataset.name=no_such_set', ALLOW],
+     "dataset.name='no_such_set' is not a TFDS data set"),
     (['--config.dataset.name=mnist', ALLOW], 'mnist is not prepared in'),
     (['--config.dataset.name=imagenet2012', ALLOW], 'pass --config.dataset.manual_dir=DIR'),
-    (['--config.model.lrn=False'], 'holds a run with a different config (model.lrn: True -> False)'),
+    (['--config.model.lrn=False'],
+     'holds a run with a different config (model.lrn: True -> False)'),
     (['--config.train.on_nonfinite=ignore'], "train.on_nonfinite='ignore' is unknown"),
 ])
 def test_bad_input_is_one_line_and_leaves_checkpoints(digits_dir, reference, overrides, message):
