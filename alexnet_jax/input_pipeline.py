@@ -1,8 +1,11 @@
 """TFDS → tf.data input pipeline with the paper's augmentation (§4.1), on the host CPU.
 
-train: decode → resize shorter side to R → center R×R crop → random S×S crop → random horizontal
-       flip → PCA lighting noise → per-channel normalisation
-eval:  decode → resize shorter side to R → center S×S crop → normalisation
+train (`dataset.train_crop='paper'`): decode → resize shorter side to R → center R×R crop →
+       random S×S crop → random horizontal flip → PCA lighting noise → per-channel normalisation;
+       (`'inception'`): decode a random window of 8-100% of the area, aspect 3/4-4/3 (fused with
+       the JPEG decode) → resize to S×S → flip → lighting → normalisation
+eval:  decode → resize shorter side to R → center S×S crop → normalisation; or the paper's 10 crops
+       (four corners and center of the R×R image, and their mirrors)
 with S = `dataset.image_size` and R = round(S·256/224) (the paper's 256/224 margin).
 
 Randomness is stateless and keyed by (seed, epoch, position in the epoch), so the stream is a pure
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 from typing import Any, Iterator
 
@@ -28,6 +32,8 @@ from alexnet_jax.errors import ConfigError
 # TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
 tf.config.set_visible_devices([], 'GPU')
 
+TRAIN_CROPS = ('paper', 'inception')
+EVAL_CROPS = (1, 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Preprocess:
   eigvec: tuple[tuple[float, ...], ...]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  train_crop: str = 'paper'
 
   @property
   def resize_size(self) -> int:
@@ -48,10 +55,30 @@ class Preprocess:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'Preprocess':
+    """`config.dataset`; a `pca_stats` file replaces the eigval/eigvec/mean/std fields."""
+    if config.train_crop not in TRAIN_CROPS:
+      raise ConfigError(f'dataset.train_crop={config.train_crop!r} is unknown; use one of '
+                       f'{TRAIN_CROPS}.')
+    stats = (load_statistics(config.pca_stats) if config.pca_stats else
+             {k: config[k] for k in ('eigval', 'eigvec', 'mean', 'std')})
     return cls(image_size=config.image_size, flip=config.flip,
                lighting_std=config.lighting_std if config.lighting else 0.0,
-               eigval=tuple(config.eigval), eigvec=tuple(map(tuple, config.eigvec)),
-               mean=tuple(config.mean), std=tuple(config.std))
+               eigval=tuple(stats['eigval']), eigvec=tuple(map(tuple, stats['eigvec'])),
+               mean=tuple(stats['mean']), std=tuple(stats['std']), train_crop=config.train_crop)
+
+
+def load_statistics(path: str) -> dict[str, Any]:
+  """The eigval/eigvec/mean/std a `python -m alexnet_jax.pca_stats` JSON file holds."""
+  if not os.path.exists(path):
+    raise ConfigError(f'dataset.pca_stats={path!r} does not exist; write it with '
+                     f'`python -m alexnet_jax.pca_stats --output={path}` or unset it.')
+  with open(path) as f:
+    stats = json.load(f)
+  missing = {'eigval', 'eigvec', 'mean', 'std'} - set(stats)
+  if missing:
+    raise ConfigError(f'dataset.pca_stats={path!r} lacks {sorted(missing)}; regenerate it with '
+                     f'python -m alexnet_jax.pca_stats.')
+  return stats
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -62,47 +89,109 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Shorter side → `size` (bilinear, antialiased), then the central size×size square; float32."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = size / tf.reduce_min(shape)
-  new_hw = tf.cast(tf.math.ceil(shape * scale - 1e-3), tf.int32)
-  image = tf.image.resize(image, tf.maximum(new_hw, size), method='bilinear', antialias=True)
-  top = (tf.shape(image)[0] - size) // 2
-  left = (tf.shape(image)[1] - size) // 2
-  return image[top:top + size, left:left + size, :]
+  """Shorter side → `size` (bilinear, antialiased), then the central size×size square; uint8.
+
+  Resized pixels are rounded back to 8 bits, as in the paper's stored 256×256 images (and PIL);
+  an image whose shorter side is already `size` is only cropped, which keeps the pipeline fast on
+  pre-resized data sets.
+  """
+  shape = tf.shape(image)[:2]
+
+  def resize():
+    hw = tf.cast(shape, tf.float32)
+    new_hw = tf.cast(tf.math.ceil(hw * (size / tf.reduce_min(hw)) - 1e-3), tf.int32)
+    resized = tf.image.resize(image, tf.maximum(new_hw, size), method='bilinear', antialias=True)
+    return tf.saturate_cast(tf.round(resized), tf.uint8)
+
+  image = tf.cond(tf.reduce_min(shape) == size, lambda: image, resize)
+  return center_crop(image, size)
 
 
-def pca_lighting(image: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
-  """Adds eigvec @ (alpha * eigval), alpha ~ N(0, std) per image, to every pixel (§4.1)."""
+def lighting_shift(seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
+  """eigvec @ (alpha * eigval), alpha ~ N(0, std) per image: the RGB shift of §4.1, [3]."""
   alpha = tf.random.stateless_normal([3], seed=seed, stddev=p.lighting_std)
-  rgb = tf.linalg.matvec(tf.constant(p.eigvec, tf.float32), alpha * tf.constant(p.eigval))
-  return image + rgb
+  return tf.linalg.matvec(tf.constant(p.eigvec, tf.float32), alpha * tf.constant(p.eigval))
 
 
-def normalize(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
-  return (image - tf.constant(p.mean)) / tf.constant(p.std)
+def normalize(image: tf.Tensor, p: Preprocess, shift: tf.Tensor | float = 0.0) -> tf.Tensor:
+  """((pixels / 255 + shift) - mean) / std as one multiply-add; pixels in [0, 255] → float32.
+
+  Runs on rows of W·3 values against the per-channel constants tiled to that length: TF broadcasts
+  a 3-vector over [..., W, 3] about 4× slower (experiments/pipeline_benchmark.py).
+  """
+  std = tf.constant(p.std)
+  scale, offset = 1 / (255 * std), (shift - tf.constant(p.mean)) / std
+  shape, width = tf.shape(image), tf.shape(image)[-2]
+  rows = tf.reshape(tf.cast(image, tf.float32), [-1, width * 3])
+  rows = rows * tf.tile(scale, [width]) + tf.tile(offset, [width])
+  out = tf.reshape(rows, shape)
+  out.set_shape(image.shape)
+  return out
+
+
+def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """A random window of 8-100% of the area and aspect 3/4-4/3 (Szegedy et al. 2015), resized to
+  size×size; JPEGs decode only the window. After 10 failed draws (tiny or extreme images) the
+  whole image is the window. float32 in [0, 255]."""
+
+  def window(shape):
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin[0], begin[1], extent[0], extent[1]
+
+  def from_jpeg():
+    top, left, h, w = window(tf.image.extract_jpeg_shape(encoded))
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, h, w]), channels=3)
+
+  def from_other():
+    image = decode(encoded)
+    top, left, h, w = window(tf.shape(image))
+    return image[top:top + h, left:left + w, :]
+
+  image = tf.cond(tf.io.is_jpeg(encoded), from_jpeg, from_other)
+  image.set_shape([None, None, 3])
+  return tf.image.resize(image, [size, size], method='bilinear', antialias=True)
 
 
 def train_image(encoded: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
   """One training example; `seed` (shape [2], int64) fixes its crop, flip and lighting."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  image = resize_and_center_crop(decode(encoded), p.resize_size) / 255.0
-  image = tf.image.stateless_random_crop(image, [p.image_size, p.image_size, 3], seed=seeds[0])
+  if p.train_crop == 'inception':
+    image = inception_crop(encoded, seeds[0], p.image_size)
+  else:  # cropped and flipped as uint8: a quarter of the bytes to move
+    image = resize_and_center_crop(decode(encoded), p.resize_size)
+    image = tf.image.stateless_random_crop(image, [p.image_size, p.image_size, 3], seed=seeds[0])
   if p.flip:
     image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
-  if p.lighting_std > 0:
-    image = pca_lighting(image, seeds[2], p)
-  return normalize(image, p)
+  return normalize(image, p, lighting_shift(seeds[2], p) if p.lighting_std > 0 else 0.0)
 
 
-def eval_image(encoded: tf.Tensor, p: Preprocess) -> tf.Tensor:
-  image = resize_and_center_crop(decode(encoded), p.resize_size) / 255.0
-  offset = (p.resize_size - p.image_size) // 2
-  image = image[offset:offset + p.image_size, offset:offset + p.image_size, :]
-  return normalize(image, p)
+def eval_image(encoded: tf.Tensor, p: Preprocess, crops: int = 1) -> tf.Tensor:
+  """The center S×S crop [S, S, 3], or with `crops=10` the paper's ten crops [10, S, S, 3]."""
+  image = resize_and_center_crop(decode(encoded), p.resize_size)
+  return normalize(ten_crops(image, p.image_size) if crops == 10 else
+                   center_crop(image, p.image_size), p)
 
 
-OFFLINE_BUILDERS = ('digits',)  # ours: prepared from files on this machine, no download
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  top = (tf.shape(image)[0] - size) // 2
+  left = (tf.shape(image)[1] - size) // 2
+  return image[top:top + size, left:left + size, :]
+
+
+def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Top-left, top-right, bottom-left, bottom-right and center size×size crops of `image`, then
+  the same five mirrored (§4.1): [10, size, size, C]."""
+  bottom, right = tf.shape(image)[0] - size, tf.shape(image)[1] - size
+  five = tf.stack([image[t:t + size, l:l + size, :] for t, l in
+                   ((0, 0), (0, right), (bottom, 0), (bottom, right))] +
+                  [center_crop(image, size)])
+  return tf.concat([five, five[:, :, ::-1, :]], axis=0)
+
+
+OFFLINE_BUILDERS = ('digits', 'folder')  # ours: prepared from files on this machine
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -112,10 +201,11 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   (imagenet2012) is prepared from `dataset.manual_dir`; anything else must already be prepared
   in `dataset.data_dir` — this never downloads.
   """
-  import alexnet_jax.datasets  # noqa: F401  registers our builders
+  from alexnet_jax.datasets import folder  # importing the package registers our builders
   name = config.name
   try:
-    builder = tfds.builder(name, data_dir=config.data_dir)
+    builder = (folder.make_builder(config.get('path'), config.data_dir) if name == 'folder' else
+               tfds.builder(name, data_dir=config.data_dir))
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f'dataset.name={name!r} is not a TFDS data set nor one of ours '
                       f'{OFFLINE_BUILDERS}; check the spelling (e.g. imagenet2012, cifar10).'
@@ -148,6 +238,7 @@ class Split:
   shard: int = 0  # this process's index among `num_shards` (one shard per process)
   num_shards: int = 1
   largest_shard: int = 0  # examples in the largest shard: every process runs as many eval steps
+  class_names: tuple[str, ...] = ()
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, shard: int = 0,
@@ -156,16 +247,23 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, sh
   if split not in builder.info.splits:
     raise ConfigError(f'split {split!r} is not in {builder.name} (it has '
                       f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
+  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
+  features = builder.info.features
+  if not (isinstance(image_key, str) and image_key in features and label_key in features
+          and isinstance(features[image_key], tfds.features.Image)
+          and isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise ConfigError(f'{builder.name} is not an image-classification set (its supervised keys '
+                      f'are {builder.info.supervised_keys}); choose another dataset.name.')
   parts = (tfds.even_splits(split, n=num_shards, drop_remainder=drop_remainder)
            if num_shards > 1 else [split])
   sizes = [builder.info.splits[part].num_examples for part in parts]
   ds = builder.as_dataset(split=parts[shard], shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+                          decoders={image_key: tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {'image': ex[image_key], 'label': ex[label_key]})
   if cache:
     ds = ds.cache()
-  return Split(ds, sizes[shard], builder.info.features['label'].num_classes, shard, num_shards,
-               max(sizes))
+  return Split(ds, sizes[shard], features[label_key].num_classes, shard, num_shards, max(sizes),
+               tuple(features[label_key].names))
 
 
 def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
@@ -201,17 +299,25 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
     yield from tfds.as_numpy(epoch(e, offset if e == first_epoch else 0))
 
 
-def eval_batches(split: Split, p: Preprocess, batch_size: int) -> Iterator[dict[str, Any]]:
+def eval_batches(split: Split, p: Preprocess, batch_size: int,
+                 crops: int = 1) -> Iterator[dict[str, Any]]:
   """One pass in order; batches are padded to `batch_size` (`mask` = 1 marks real examples), and
-  a shard smaller than the largest one ends with empty batches, so all processes step together."""
-  ds = split.records.map(lambda ex: {'image': eval_image(ex['image'], p), 'label': ex['label']},
-                         num_parallel_calls=tf.data.AUTOTUNE)
+  a shard smaller than the largest one ends with empty batches, so all processes step together.
+
+  `crops=10`: every image is [10, S, S, 3], the paper's ten crops (see `ten_crops`).
+  """
+  if crops not in EVAL_CROPS:
+    raise ConfigError(f'crops={crops} is not supported; use one of {EVAL_CROPS}.')
+  ds = split.records.map(
+      lambda ex: {'image': eval_image(ex['image'], p, crops), 'label': ex['label']},
+      num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
   count = 0
   for batch in tfds.as_numpy(ds):
     count += 1
     yield pad_batch(batch, batch_size)
-  empty = {'image': np.zeros((0, p.image_size, p.image_size, 3), np.float32),
+  crop_axis = (crops,) if crops > 1 else ()
+  empty = {'image': np.zeros((0, *crop_axis, p.image_size, p.image_size, 3), np.float32),
            'label': np.zeros((0,), np.int64)}
   for _ in range(count, -(-split.largest_shard // batch_size)):
     yield pad_batch(empty, batch_size)

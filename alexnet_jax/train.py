@@ -52,6 +52,17 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Al
                         dtype=jnp.dtype(m.dtype), group_impl=m.group_impl)
 
 
+def num_classes_of(config: ml_collections.ConfigDict, split: input_pipeline.Split) -> int:
+  """`model.num_classes`, or the data's when it is -1; a mismatch is an error."""
+  num_classes = config.model.num_classes
+  if num_classes == -1:
+    return split.num_classes
+  if num_classes != split.num_classes:
+    raise ConfigError(f'model.num_classes={num_classes} but {config.dataset.name} has '
+                      f'{split.num_classes} classes; set it to -1 to follow the data.')
+  return num_classes
+
+
 def create_train_state(model: models.AlexNet, tx: optax.GradientTransformation,
                        plateau: optax.GradientTransformation, image_size: int,
                        seed: int) -> TrainState:
@@ -106,8 +117,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
               model: models.AlexNet) -> dict[str, jax.Array]:
-  """Sums of errors and loss over the real (mask = 1) examples of the global batch."""
-  logits = model.apply({'params': state.params}, batch['image'], train=False)
+  """Sums of errors and loss over the real (mask = 1) examples of the global batch.
+
+  Images [B, C, S, S, 3] are C crops per example, scored by their averaged softmax (§4.1).
+  """
+  images = batch['image']
+  if images.ndim == 5:
+    logits = model.apply({'params': state.params}, images.reshape((-1,) + images.shape[2:]),
+                         train=False)
+    log_probs = jax.nn.log_softmax(logits).reshape(images.shape[:2] + logits.shape[-1:])
+    # log of the mean softmax; as logits, its softmax is that mean again.
+    logits = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(images.shape[1])
+  else:
+    logits = model.apply({'params': state.params}, images, train=False)
   labels, mask = batch['label'], batch['mask']
   _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
   correct1 = top[:, 0] == labels
@@ -174,12 +196,13 @@ class StopSignal:
       signal.signal(s, handler)
 
 
-def evaluate(p_eval_step, state: Any, split: input_pipeline.Split, pre: input_pipeline.Preprocess,
-             batch_size: int, parallel: Parallel) -> dict[str, float]:
-  """Top-1/top-5 error and mean loss over the whole split (center crops)."""
+def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
+             pre: input_pipeline.Preprocess, batch_size: int, parallel: Parallel,
+             crops: int = 1) -> dict[str, float]:
+  """Top-1/top-5 error and mean loss over the whole split (center crops, or the 10 crops)."""
   from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   sums = [p_eval_step(state, b) for b in
-          parallel.prefetch(input_pipeline.eval_batches(split, pre, batch_size))]
+          parallel.prefetch(input_pipeline.eval_batches(split, pre, batch_size, crops))]
   total = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get(sums))
   count = max(total['count'], 1.0)
   return {'val_top1_error': total['top1_errors'] / count,
@@ -226,13 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           drop_remainder=True, **shard)
   eval_split = input_pipeline.load_split(builder, config.dataset.eval_split, config.dataset.cache,
                                          **shard)
-  num_classes = config.model.num_classes
-  if num_classes == -1:
-    num_classes = train_split.num_classes
-  elif num_classes != train_split.num_classes:
-    raise ConfigError(f'model.num_classes={num_classes} but {config.dataset.name} has '
-                      f'{train_split.num_classes} classes; set it to -1 to follow the data.')
-  model = make_model(config, num_classes)
+  model = make_model(config, num_classes_of(config, train_split))
   pre = input_pipeline.Preprocess.from_config(config.dataset)
   if pre.image_size < models.min_image_size(model):
     raise ConfigError(f'dataset.image_size={pre.image_size} is too small for this model; use at '

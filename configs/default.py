@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.std = IMAGENET_STD
   c.dataset.cache = True  # keep the encoded records in memory
   c.dataset.shuffle_buffer = 10_000
+  c.dataset.path = placeholder(str)  # name='folder': DIR holding train/<class>/ and val/<class>/
+  c.dataset.train_crop = 'paper'  # 'paper' (random S of the R center square) or 'inception'
+  c.dataset.pca_stats = placeholder(str)  # a pca_stats JSON: replaces eigval/eigvec/mean/std
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64  # global, split over all devices

@@ -72,7 +72,11 @@ def test_resize_shorter_side_and_center_crop():
   out = ip.resize_and_center_crop(ip.decode(encoded), 32)
   assert out.shape == (32, 32, 3)
   full = tf.image.resize(ip.decode(encoded), [32, 48], antialias=True)
-  np.testing.assert_allclose(out, full[:, 8:40], atol=1e-4)
+  assert out.dtype == tf.uint8  # rounded back to 8 bits, like stored images
+  np.testing.assert_array_equal(out, np.round(full[:, 8:40]))
+  # Already at the size: only cropped, never resampled.
+  out = ip.resize_and_center_crop(ip.decode(encoded), 40)
+  np.testing.assert_array_equal(out, ip.decode(encoded)[:, 10:50])
 
 
 def test_random_crop_is_a_window_and_flip_a_mirror():
@@ -109,3 +113,79 @@ def test_unknown_split_is_a_clear_error(config):
   builder = ip.get_builder(config.dataset)
   with pytest.raises(ValueError, match='eval_split'):
     ip.load_split(builder, 'test', cache=False)
+
+
+@pytest.mark.parametrize('train_crop', ['paper', 'inception'])
+@pytest.mark.parametrize('shape,fmt', [((5, 400), 'png'), ((300, 7), 'jpeg'), ((12, 12), 'jpeg')])
+def test_tiny_and_extreme_images_give_full_crops(train_crop, shape, fmt):
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 256, size=shape + (1,), dtype=np.uint8)  # single channel
+  encoded = tf.io.encode_png(gray) if fmt == 'png' else tf.io.encode_jpeg(gray)
+  p = preprocess(train_crop=train_crop, flip=True, lighting_std=0.1)
+  for s in range(3):
+    image = ip.train_image(encoded, tf.constant([s, 0], tf.int64), p).numpy()
+    assert image.shape == (28, 28, 3) and np.isfinite(image).all()
+  assert ip.eval_image(encoded, p, crops=10).shape == (10, 28, 28, 3)
+
+
+def test_inception_crop_is_a_resized_window_of_the_image():
+  encoded, _ = encoded_test_image(60, 80)
+  decoded = ip.decode(encoded).numpy().astype(np.float32)
+  p = preprocess(train_crop='inception', image_size=16)
+  sizes = set()
+  for s in range(10):
+    seed = tf.constant([s, 2], tf.int64)
+    crop_seed = tf.random.experimental.stateless_split(seed, 3)[0]
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        [60, 80, 3], tf.zeros([1, 0, 4]), seed=crop_seed, min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    (t, l, _), (h, w, _) = begin.numpy(), extent.numpy()
+    assert 0.08 * 4800 <= h * w <= 4800
+    sizes.add((h, w))
+    expected = tf.image.resize(decoded[t:t + h, l:l + w], [16, 16], antialias=True).numpy()
+    np.testing.assert_allclose(ip.train_image(encoded, seed, p).numpy() * 255, expected,
+                               atol=1e-3)
+  assert len(sizes) > 5  # the window really is random
+
+
+def test_ten_crops_are_the_corners_center_and_mirrors():
+  encoded, _ = encoded_test_image(40, 60)
+  p = preprocess(image_size=28)  # R = 32
+  big = ip.resize_and_center_crop(ip.decode(encoded), 32).numpy() / 255.0
+  five = [big[:28, :28], big[:28, 4:], big[4:, :28], big[4:, 4:], big[2:30, 2:30]]
+  expected = np.stack(five + [c[:, ::-1] for c in five])
+  np.testing.assert_allclose(ip.eval_image(encoded, p, crops=10).numpy(), expected, atol=1e-6)
+  np.testing.assert_allclose(ip.eval_image(encoded, p).numpy(), expected[4], atol=1e-6)
+
+
+def test_lighting_noise_has_the_pca_covariance():
+  """shift = V (alpha * lambda), alpha ~ N(0, sigma^2 I): whitened by (V diag(lambda))^-1 it is
+  N(0, sigma^2 I), i.e. Cov(shift) = sigma^2 V diag(lambda^2) V^T."""
+  sigma = 0.1
+  p = preprocess(lighting_std=sigma)
+  seeds = tf.data.Dataset.range(20_000).map(lambda i: tf.stack([i, 5]))
+  shifts = np.stack(list(seeds.map(lambda s: ip.lighting_shift(s, p)).batch(5000)
+                         .as_numpy_iterator())).reshape(-1, 3).astype(np.float64)
+  basis = np.array(IMAGENET_EIGVEC) * np.array(IMAGENET_EIGVAL)
+  alpha = np.linalg.solve(basis, shifts.T).T
+  np.testing.assert_allclose(np.cov(alpha.T) / sigma**2, np.eye(3), atol=0.04)
+  np.testing.assert_allclose(alpha.mean(axis=0) / sigma, 0.0, atol=0.03)
+
+
+def test_pca_stats_file_replaces_the_statistics(tmp_path, config):
+  import json
+  stats = {'eigval': [0.3, 0.2, 0.1], 'eigvec': np.eye(3)[::-1].tolist(), 'mean': [0.1, 0.2, 0.3],
+           'std': [0.4, 0.5, 0.6]}
+  (tmp_path / 'stats.json').write_text(json.dumps(stats))
+  config.dataset.pca_stats = str(tmp_path / 'stats.json')
+  p = ip.Preprocess.from_config(config.dataset)
+  assert (p.eigval, p.eigvec, p.mean, p.std) == (
+      (0.3, 0.2, 0.1), tuple(map(tuple, stats['eigvec'])), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+  config.dataset.pca_stats = str(tmp_path / 'missing.json')
+  with pytest.raises(ValueError, match='does not exist'):
+    ip.Preprocess.from_config(config.dataset)
+  config.dataset.pca_stats = None
+  config.dataset.train_crop = 'random'
+  with pytest.raises(ValueError, match='train_crop'):
+    ip.Preprocess.from_config(config.dataset)

@@ -1,3 +1,4 @@
 """TFDS builders this project owns. Importing this package registers them with TFDS."""
 
 from alexnet_jax.datasets import digits  # noqa: F401  (registers 'digits')
+from alexnet_jax.datasets import folder  # noqa: F401  (registers 'folder'; needs dataset.path)

@@ -1,0 +1,94 @@
+"""Evaluates a checkpoint on the validation split: top-1 and top-5 error, 1 or 10 crops.
+
+    python -m alexnet_jax.evaluate --config=configs/imagenet.py --workdir=runs/imagenet --crops=10
+
+Restores the newest checkpoint of `WORKDIR/checkpoints` (or `--checkpoint=STEP`) into the model the
+config describes, scores `dataset.eval_split` with the center crop (`--crops=1`, exactly what the
+training loop logs) or the paper's ten crops (`--crops=10`: four corners and center of the 256
+image and their mirrors, softmax averaged, §4.1), prints one line and writes
+`WORKDIR/eval_<crops>crop.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+import ml_collections
+from ml_collections import config_flags
+
+from alexnet_jax.errors import ConfigError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Only when run as a program, so that importing the functions defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
+  flags.DEFINE_enum('crops', '1', ['1', '10'], "Center crop, or the paper's 10 crops.")
+  flags.DEFINE_integer('checkpoint', None, 'Step to evaluate (default: the newest).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, crops: int = 1,
+                        step: int | None = None) -> dict[str, float]:
+  """Scores checkpoint `step` (None: the newest) of `workdir`; writes eval_<crops>crop.json."""
+  import jax
+  from alexnet_jax import checkpoints, input_pipeline, optim, train
+  from alexnet_jax.parallel import Parallel
+
+  parallel = Parallel(config.parallelism)
+  # Ten crops make every example ten images: keep a batch's images near eval_batch_size.
+  batch_size = max(config.train.eval_batch_size // crops // parallel.num_devices, 1)
+  batch_size *= parallel.num_devices
+  manager = checkpoints.make_manager(workdir)
+  if manager.latest_step() is None:
+    raise ConfigError(f'{workdir} has no checkpoints; train first with python -m alexnet_jax.main '
+                     f'--workdir={workdir}.')
+  builder = input_pipeline.get_builder(config.dataset)
+  split = input_pipeline.load_split(builder, config.dataset.eval_split, cache=False,
+                                    shard=jax.process_index(), num_shards=jax.process_count())
+  model = train.make_model(config, train.num_classes_of(config, split))
+  pre = input_pipeline.Preprocess.from_config(config.dataset)
+  state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
+                                   optim.make_plateau(config.optimizer), pre.image_size,
+                                   config.seed)
+  step = manager.latest_step() if step is None else step
+  if step not in manager.all_steps():
+    raise ConfigError(f'--checkpoint={step} is not in {workdir}/checkpoints (it has '
+                      f'{sorted(manager.all_steps())}); pick one of those.')
+  state = checkpoints.restore(manager, jax.device_get(state), step)
+  manager.close()
+  p_eval_step = parallel.wrap(functools.partial(train.eval_step, model=model))
+  result = train.evaluate(p_eval_step, parallel.put_state(state), split, pre,
+                          parallel.local_batch_size(batch_size), parallel, crops)
+  result = {'step': int(step), 'crops': crops, 'split': config.dataset.eval_split,
+            'num_examples': builder.info.splits[config.dataset.eval_split].num_examples, **result}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_{crops}crop.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    r = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, int(FLAGS.crops), FLAGS.checkpoint)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
+  print(f'step {r["step"]} {r["split"]} ({r["num_examples"]} images, {r["crops"]} crop'
+        f'{"s" if r["crops"] > 1 else ""}): top-1 error {r["val_top1_error"]:.4f} '
+        f'top-5 error {r["val_top5_error"]:.4f} loss {r["val_loss"]:.4f}', flush=True)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,76 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from alexnet_jax import input_pipeline as ip
+from alexnet_jax import pca_stats
+from conftest import REPO, tiny_config
+
+EIGVAL = np.array([0.012, 0.004, 0.001])
+EIGVEC = np.linalg.qr(np.array([[1.0, 0.9, 0.8], [0.5, -0.2, -0.6], [0.1, -0.7, 0.6]]))[0]
+MEAN = np.array([0.5, 0.45, 0.4])
+
+
+def write_colour_folder(root, num_images: int, side: int) -> None:
+  """Images whose pixels are i.i.d. N(MEAN, EIGVEC diag(EIGVAL) EIGVEC^T), side×side (no resize
+  blur), ~5 sigma inside [0, 1]."""
+  rng = np.random.default_rng(0)
+  for split, n in (('train', num_images), ('val', 1)):
+    os.makedirs(root / split / 'only')
+    for i in range(n):
+      z = rng.standard_normal((side, side, 3)) * np.sqrt(EIGVAL)
+      pixels = np.clip(np.round((MEAN + z @ EIGVEC.T) * 255), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(root / split / 'only' / f'{i}.png')
+
+
+def test_pca_stats_recover_a_known_colour_covariance(tmp_path):
+  config = tiny_config(None)  # 63 crops of the 72 image
+  config.dataset.name, config.dataset.path = 'folder', str(tmp_path)
+  write_colour_folder(tmp_path, 24, 72)
+  stats = pca_stats.split_statistics(config)
+  assert stats['num_images'] == 24 and stats['num_pixels'] == 24 * 72 * 72
+  np.testing.assert_allclose(stats['eigval'], EIGVAL, rtol=0.02)
+  cosines = np.abs(np.sum(np.array(stats['eigvec']) * EIGVEC, axis=0))
+  assert cosines.min() >= 0.999, cosines
+  np.testing.assert_allclose(stats['mean'], MEAN, atol=2e-3)
+  np.testing.assert_allclose(stats['std'], np.sqrt(np.diag(EIGVEC @ np.diag(EIGVAL) @ EIGVEC.T)),
+                             rtol=0.01)
+
+
+def test_rgb_statistics_match_numpy():
+  rng = np.random.default_rng(1)
+  batches = [rng.random((4, 5, 6, 3)), rng.random((2, 5, 6, 3))]
+  stats = pca_stats.rgb_statistics(batches)
+  pixels = np.concatenate([b.reshape(-1, 3) for b in batches])
+  cov = np.cov(pixels.T, bias=True)
+  np.testing.assert_allclose(np.array(stats['eigvec']) @ np.diag(stats['eigval']) @
+                             np.array(stats['eigvec']).T, cov, atol=1e-12)
+  assert stats['eigval'] == sorted(stats['eigval'], reverse=True) and stats['num_images'] == 6
+
+
+def test_cli_output_is_the_lighting_training_uses(tmp_path):
+  write_colour_folder(tmp_path, 3, 40)
+  out = tmp_path / 'stats.json'
+  run = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.pca_stats', '--config=configs/default.py',
+       f'--output={out}', '--config.dataset.name=folder', f'--config.dataset.path={tmp_path}',
+       '--config.dataset.image_size=32'], cwd=REPO, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '3 images: eigval' in run.stdout
+  stats = json.loads(out.read_text())
+  config = tiny_config(None)
+  config.dataset.pca_stats = str(out)
+  p = ip.Preprocess.from_config(config.dataset)
+  np.testing.assert_allclose(p.eigval, stats['eigval'])
+  np.testing.assert_allclose(p.eigvec, stats['eigvec'])
+  # The training lighting shift is exactly eigvec @ (alpha * eigval) with these statistics.
+  import tensorflow as tf
+  seed = tf.constant([3, 4], tf.int64)
+  shift = ip.lighting_shift(seed, p).numpy()
+  alpha = tf.random.stateless_normal([3], seed=seed, stddev=p.lighting_std).numpy()
+  np.testing.assert_allclose(shift, np.array(stats['eigvec']) @ (alpha * stats['eigval']),
+                             rtol=1e-5, atol=1e-9)
