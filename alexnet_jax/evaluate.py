@@ -62,7 +62,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, crops: 
   if step not in manager.all_steps():
     raise ConfigError(f'--checkpoint={step} is not in {workdir}/checkpoints (it has '
                       f'{sorted(manager.all_steps())}); pick one of those.')
-  state = checkpoints.restore(manager, jax.device_get(state), step)
+  state = parallel.get(checkpoints.restore(manager, jax.device_get(state),
+                                           parallel.replicated_sharding, step))
   manager.close()
   p_eval_step = parallel.wrap(functools.partial(train.eval_step, model=model))
   result = train.evaluate(p_eval_step, parallel.put_state(state), split, pre,
