@@ -204,8 +204,11 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   from alexnet_jax.datasets import folder  # importing the package registers our builders
   name = config.name
   try:
-    builder = (folder.make_builder(config.get('path'), config.data_dir) if name == 'folder' else
-               tfds.builder(name, data_dir=config.data_dir))
+    if name == 'folder':
+      builder = folder.make_builder(config.get('path'), config.data_dir,
+                                    config.get('on_bad_image', 'fail'))
+    else:
+      builder = tfds.builder(name, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f'dataset.name={name!r} is not a TFDS data set nor one of ours '
                       f'{OFFLINE_BUILDERS}; check the spelling (e.g. imagenet2012, cifar10).'

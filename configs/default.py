@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.path = placeholder(str)  # name='folder': DIR holding train/<class>/ and val/<class>/
   c.dataset.train_crop = 'paper'  # 'paper' (random S of the R center square) or 'inception'
   c.dataset.pca_stats = placeholder(str)  # a pca_stats JSON: replaces eigval/eigvec/mean/std
+  c.dataset.on_bad_image = 'fail'  # folder sets: an unreadable image 'fail's the run or is 'skip'ped
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64  # global, split over all devices

@@ -93,12 +93,41 @@ def test_folder_errors_say_what_to_do(tmp_path):
     ip.get_builder(dataset_config(name='folder'))
   with pytest.raises(ValueError, match='has no train/ folder'):
     ip.get_builder(dataset_config(name='folder', path=str(tmp_path)))
-  os.makedirs(tmp_path / 'train' / 'cat')
+  for label in ('cat', 'ant'):
+    os.makedirs(tmp_path / 'train' / label)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'train' / label / 'a.png')
   os.makedirs(tmp_path / 'val' / 'dog')
-  Image.new('RGB', (8, 8)).save(tmp_path / 'train' / 'cat' / 'a.png')
   Image.new('RGB', (8, 8)).save(tmp_path / 'val' / 'dog' / 'b.png')
   with pytest.raises(ValueError, match=r"classes \['dog'\] that train/ lacks"):
     ip.get_builder(dataset_config(name='folder', path=str(tmp_path)))
+
+
+def small_folder(root, classes=('cat', 'dog')):
+  for label in classes:
+    for split in ('train', 'val'):
+      os.makedirs(root / split / label, exist_ok=True)
+      Image.new('RGB', (8, 8), (10, 20, 30)).save(root / split / label / 'a.png')
+
+
+def test_folder_with_one_class_or_an_empty_class_is_refused(tmp_path):
+  small_folder(tmp_path / 'one', classes=('cat',))
+  with pytest.raises(ValueError, match='has 1 class folder.*at least two'):
+    ip.get_builder(dataset_config(name='folder', path=str(tmp_path / 'one')))
+  small_folder(tmp_path / 'empty')
+  os.makedirs(tmp_path / 'empty' / 'train' / 'emu')
+  with pytest.raises(ValueError, match=r'class folder .*train/emu has no images'):
+    ip.get_builder(dataset_config(name='folder', path=str(tmp_path / 'empty')))
+
+
+def test_unreadable_image_fails_naming_it_or_is_skipped(tmp_path):
+  small_folder(tmp_path)
+  (tmp_path / 'train' / 'dog' / 'broken.jpg').write_bytes(b'not a jpeg at all')
+  with pytest.raises(ValueError, match=r'cannot read image .*train/dog/broken.jpg.*on_bad_image=skip'):
+    ip.get_builder(dataset_config(name='folder', path=str(tmp_path)))
+  builder = ip.get_builder(dataset_config(name='folder', path=str(tmp_path), on_bad_image='skip'))
+  assert builder.info.splits['train'].num_examples == 2  # broken.jpg left out
+  with pytest.raises(ValueError, match="on_bad_image='ignore' is unknown"):
+    ip.get_builder(dataset_config(name='folder', path=str(tmp_path), on_bad_image='ignore'))
 
 
 def test_to_plain_image_keeps_plain_bytes_and_converts_the_rest():

@@ -22,11 +22,13 @@ import io
 import os
 
 import numpy as np
+from absl import logging
 import tensorflow_datasets as tfds
 
 from alexnet_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+BAD_IMAGE_POLICIES = ('fail', 'skip')
 SPLIT_NAMES = {'val': 'validation'}  # folder name -> split name (configs evaluate 'validation')
 
 
@@ -44,9 +46,13 @@ def list_images(path: str) -> dict[str, list[tuple[str, str]]]:
       class_dir = os.path.join(path, split_dir, label)
       if label.startswith('.') or not os.path.isdir(class_dir):
         continue
-      for root, _, names in os.walk(class_dir):
-        files += [(os.path.relpath(os.path.join(root, n), path), label) for n in names
+      in_class = [(os.path.relpath(os.path.join(root, n), path), label)
+                  for root, _, names in os.walk(class_dir) for n in names
                   if n.lower().endswith(IMAGE_EXTENSIONS)]
+      if not in_class:
+        raise ConfigError(f'class folder {class_dir} has no images ({", ".join(IMAGE_EXTENSIONS)})'
+                          f'; add some or remove the folder.')
+      files += in_class
     splits[SPLIT_NAMES.get(split_dir, split_dir)] = sorted(files)
   return splits
 
@@ -80,19 +86,24 @@ class Folder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
-  def __init__(self, *, path: str, **kwargs):
+  def __init__(self, *, path: str, on_bad_image: str = 'fail', **kwargs):
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+      raise ConfigError(f'dataset.on_bad_image={on_bad_image!r} is unknown; use one of '
+                        f'{BAD_IMAGE_POLICIES}.')
     self._path = os.path.abspath(path)
+    self._on_bad_image = on_bad_image
     self._splits = list_images(self._path)
     self._classes = sorted({label for _, label in self._splits['train']})
-    if not self._classes:
-      raise ConfigError(f'{self._path}/train has no class folders with images '
-                       f'({", ".join(IMAGE_EXTENSIONS)}).')
+    if len(self._classes) < 2:
+      raise ConfigError(f'{self._path}/train has {len(self._classes)} class folder(s) with images; '
+                        f'classification needs at least two (DIR/train/<class>/...).')
     for split, files in self._splits.items():
       unknown = sorted({label for _, label in files} - set(self._classes))
       if unknown:
         raise ConfigError(f'{self._path}: split {split!r} has classes {unknown} that train/ lacks; '
                          f'add them to train/ or remove them.')
-    name = f'{os.path.basename(self._path) or "root"}-{fingerprint(self._path, self._splits)}'
+    name = (f'{os.path.basename(self._path) or "root"}-{fingerprint(self._path, self._splits)}'
+            f'{"-skipbad" if on_bad_image == "skip" else ""}')
     super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -111,18 +122,26 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(files) for split, files in self._splits.items()}
 
   def _generate_examples(self, files):
+    skipped = 0
     for rel, label in files:
       with open(os.path.join(self._path, rel), 'rb') as f:
         data = f.read()
       try:
         image = to_plain_image(data)
       except Exception as e:  # PIL's errors name no file
-        raise ConfigError(f'cannot read image {os.path.join(self._path, rel)}: {e}; '
-                         f'fix or remove it.') from e
+        if self._on_bad_image == 'skip':
+          skipped += 1
+          continue
+        raise ConfigError(f'cannot read image {os.path.join(self._path, rel)}: {e}; fix or '
+                          f'remove it, or pass --config.dataset.on_bad_image=skip.') from e
       yield rel, {'image': image, 'label': label, 'file_name': rel}
+    if skipped:
+      logging.warning('Skipped %d unreadable image(s) of %d in %s (dataset.on_bad_image=skip).',
+                      skipped, len(files), os.path.dirname(os.path.join(self._path, files[0][0])))
 
 
-def make_builder(path: str, data_dir: str | None) -> Folder:
+def make_builder(path: str, data_dir: str | None, on_bad_image: str = 'fail') -> Folder:
   if not path:
     raise ConfigError('dataset.name=folder needs dataset.path=DIR (DIR/train/<class>/...).')
-  return Folder(path=path, data_dir=data_dir or os.path.join(path, '.tfds'))
+  return Folder(path=path, on_bad_image=on_bad_image,
+                data_dir=data_dir or os.path.join(path, '.tfds'))
