@@ -1,7 +1,7 @@
 """Training throughput of the real `train.train_step` on synthetic batches already on the devices.
 
-    python -m alexnet_jax.benchmark --config=configs/benchmark.py --json=bench.jsonl --markdown=bench.md
-    python -m alexnet_jax.benchmark --report=bench.jsonl,torch.jsonl   # table + ratios of saved rows
+    python -m alexnet_jax.benchmark --config=configs/benchmark.py --json=b.jsonl --markdown=b.md
+    python -m alexnet_jax.benchmark --report=b.jsonl,torch.jsonl  # table + ratios of saved rows
 
 Each case (parallel wrapper, dtype, global batch, model implementation switches) builds the train
 state, wraps `train.train_step` with `parallel.Parallel(mode).wrap(..., donate_state=True)`, puts
@@ -40,7 +40,7 @@ GRIDS = ('one_at_a_time', 'product')
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
-  """The bf16 peak of one device named `device_name` (jax device_kind or torch's name); None: unknown."""
+  """bf16 peak of one device called `device_name` (JAX device_kind, torch name); None: unknown."""
   return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in device_name.lower()), None)
 
 
@@ -66,7 +66,7 @@ def format_row(row: dict[str, Any]) -> str:
   """A markdown table row (`COLUMNS`)."""
   if 'error' in row:
     cells = [row['framework'], row['wrapper'], row['impl'], row['dtype'], str(row['batch_size']),
-             f'failed: {row["error"]}', '', '', '', '']
+             'failed: ' + row['error'].replace('|', '/').replace('\n', ' '), '', '', '', '']
   else:
     frac = row['peak_fraction']
     cells = [row['framework'], row['wrapper'], row['impl'], row['dtype'], str(row['batch_size']),

@@ -137,7 +137,8 @@ def main(argv: Sequence[str]) -> None:
   cases = []
   for case in CASES.value:
     mode, dtype, batch = (case.split(':') + ['', '', ''])[:3]
-    if mode not in ('eager', 'compile') or dtype not in ('float32', 'bfloat16') or not batch.isdigit():
+    if (mode not in ('eager', 'compile') or dtype not in ('float32', 'bfloat16')
+        or not batch.isdigit()):
       raise app.UsageError(f'--cases entry {case!r} is not MODE:DTYPE:BATCH with MODE eager or '
                            f'compile and DTYPE float32 or bfloat16 (e.g. compile:bfloat16:256).')
     cases.append((mode, dtype, int(batch)))

@@ -43,7 +43,8 @@ def test_cli_times_the_train_step_without_tensorflow(tmp_path):
     assert r['tflops'] == pytest.approx(r['images_per_second'] * r['flop_per_image'] / 1e12)
   table = open(table_path).read()
   assert table.count('| jax | jit |') == 2
-  assert 'float32 batch 256, best JAX: not measured (no JAX and no torch eager float32 row)' in table
+  assert ('float32 batch 256, best JAX: not measured (no JAX and no torch eager float32 row)'
+          in table)
 
 
 def row(framework, wrapper, dtype, images_per_second, batch_size=256):
@@ -61,8 +62,8 @@ def test_ratios_use_the_best_measured_rows():
   lines = benchmark.ratios(rows)
   assert lines[0].startswith('bfloat16 batch 256, best JAX: JAX 50,000 img/s (jit, x)')
   assert lines[0].endswith('= 2.50x (target >= 2.0x)')
-  assert lines[1].startswith('bfloat16 batch 256, pmap') and lines[1].endswith('= 2.00x (target >= 2.0x)')
-  assert lines[2].startswith('bfloat16 batch 256, jit') and lines[2].endswith('= 2.50x (target >= 2.0x)')
+  assert lines[1].startswith('bfloat16 batch 256, pmap') and lines[1].endswith('= 2.00x (target')
+  assert lines[2].startswith('bfloat16 batch 256, jit') and lines[2].endswith('= 2.50x (target')
   assert lines[3].endswith('= 1.50x (target >= 1.5x)')
   assert benchmark.ratios(rows[3:])[0].endswith('not measured (no torch.compile row)')
 
