@@ -24,8 +24,8 @@ if compgen -G '.whl/*.whl' > /dev/null; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=3
-torch_timeout="${TORCH_TIMEOUT:-120}"
-jax_timeout="${JAX_TIMEOUT:-210}"
+torch_timeout="${TORCH_TIMEOUT:-110}"
+jax_timeout="${JAX_TIMEOUT:-230}"
 
 {
   date -u +'date: %Y-%m-%d %H:%M UTC'
@@ -49,7 +49,6 @@ section() {  # name, time limit, command...
   echo "== $name (limit ${limit}s)"
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  grep '^|' "$out/$name.log"
   local note=''
   ((rc == 124)) && note=' (time limit: the rows measured so far are kept)'
   echo "== $name: exit $rc after $((SECONDS - start))s$note"
