@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from alexnet_jax import models, optim, train
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.parallel import MODES, Parallel
 
 # Dense bf16 tensor-core peak (TFLOP/s, NVIDIA spec sheets) by device name, most specific first.
@@ -35,7 +36,6 @@ PEAK_BF16_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4), 
                     ('A100', 312.0))
 IMPL_FIELDS = {'group_impl': models.GROUP_IMPLS, 'lrn_impl': models.LRN_IMPLS,
                'pool_impl': models.POOL_IMPLS, 'conv1_impl': models.CONV1_IMPLS}
-DTYPES = ('float32', 'bfloat16')
 GRIDS = ('one_at_a_time', 'product')
 
 
@@ -181,7 +181,7 @@ def parse_search(search: Sequence[str]) -> list[tuple[str, str]]:
   for item in search:
     field, _, value = item.partition('=')
     if field not in IMPL_FIELDS or value not in IMPL_FIELDS[field]:
-      raise ValueError(f'benchmark.search item {item!r} is not FIELD=VALUE with FIELD in '
+      raise ConfigError(f'benchmark.search item {item!r} is not FIELD=VALUE with FIELD in '
                        f'{sorted(IMPL_FIELDS)} and VALUE one of its choices: {IMPL_FIELDS}.')
     pairs.append((field, value))
   return pairs
@@ -190,20 +190,20 @@ def parse_search(search: Sequence[str]) -> list[tuple[str, str]]:
 def check(config: ml_collections.ConfigDict) -> None:
   """Fails on a bad benchmark section before anything compiles."""
   b = config.benchmark
-  for name, values, choices in (('modes', b.modes, MODES), ('dtypes', b.dtypes, DTYPES)):
+  for name, values, choices in (('modes', b.modes, MODES), ('dtypes', b.dtypes, train.DTYPES)):
     if not values or any(v not in choices for v in values):
-      raise ValueError(f'benchmark.{name}={values!r}: use a non-empty tuple of {choices}.')
+      raise ConfigError(f'benchmark.{name}={values!r}: use a non-empty tuple of {choices}.')
   if b.grid not in GRIDS:
-    raise ValueError(f'benchmark.grid={b.grid!r} is unknown; use one of {GRIDS}.')
+    raise ConfigError(f'benchmark.grid={b.grid!r} is unknown; use one of {GRIDS}.')
   if not b.batch_sizes:
-    raise ValueError('benchmark.batch_sizes is empty; give at least one batch size.')
+    raise ConfigError('benchmark.batch_sizes is empty; give at least one batch size.')
   for mode in b.modes:
     for batch_size in b.batch_sizes:
       Parallel(mode).check_batch_size(batch_size, f'benchmark.batch_sizes entry {batch_size}')
   parse_search(b.search)
   model = train.make_model(config, config.model.num_classes)
   if config.dataset.image_size < models.min_image_size(model):
-    raise ValueError(f'dataset.image_size={config.dataset.image_size} is too small; use at least '
+    raise ConfigError(f'dataset.image_size={config.dataset.image_size} is too small; use at least '
                      f'{models.min_image_size(model)}.')
 
 
@@ -294,7 +294,7 @@ def _cli() -> None:
 
       try:
         rows = run(config_flag.value, emit)
-      except ValueError as e:
+      except ConfigError as e:
         raise SystemExit(f'error: {e}') from None
     text = report(rows)
     print('\n' + text, flush=True)
