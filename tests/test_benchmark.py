@@ -62,8 +62,8 @@ def test_ratios_use_the_best_measured_rows():
   lines = benchmark.ratios(rows)
   assert lines[0].startswith('bfloat16 batch 256, best JAX: JAX 50,000 img/s (jit, x)')
   assert lines[0].endswith('= 2.50x (target >= 2.0x)')
-  assert lines[1].startswith('bfloat16 batch 256, pmap') and lines[1].endswith('= 2.00x (target')
-  assert lines[2].startswith('bfloat16 batch 256, jit') and lines[2].endswith('= 2.50x (target')
+  assert lines[1].startswith('bfloat16 batch 256, pmap') and '= 2.00x (target' in lines[1]
+  assert lines[2].startswith('bfloat16 batch 256, jit') and '= 2.50x (target' in lines[2]
   assert lines[3].endswith('= 1.50x (target >= 1.5x)')
   assert benchmark.ratios(rows[3:])[0].endswith('not measured (no torch.compile row)')
 
