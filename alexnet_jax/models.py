@@ -75,22 +75,73 @@ TORCHVISION = (
 VARIANTS = {'paper': PAPER, 'torchvision': TORCHVISION}
 
 
+LRN_IMPLS = ('reduce_window', 'shifted', 'banded')
+
+
 def local_response_norm(
-    x: jax.Array, *, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75
+    x: jax.Array, *, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75,
+    impl: str = 'reduce_window'
 ) -> jax.Array:
   """Paper §3.3: b_i = a_i / (k + alpha * sum_{|j-i|<=size//2} a_j^2) ** beta, across channels.
 
   alpha is *not* divided by `size` (Caffe and PyTorch divide it). The sum is accumulated in float32
-  whatever the input dtype.
+  whatever the input dtype. `impl` only changes how the window sum over channels is computed:
+    reduce_window — XLA's window reduction (a separate pass on GPU);
+    shifted — the sum of `size` shifted copies of a^2, one elementwise pass XLA can fuse with the
+              ReLU before and the division after;
+    banded — a^2 (in the input dtype) times a 0/1 (C x C) band matrix, a 1x1 contraction that runs
+             on the matrix units, accumulated in float32 (on GPUs float32 inputs use TF32 there).
   """
   x32 = x.astype(jnp.float32)
   half = size // 2
-  window_sum = jax.lax.reduce_window(
-      jnp.square(x32), 0.0, jax.lax.add,
-      window_dimensions=(1,) * (x.ndim - 1) + (size,),
-      window_strides=(1,) * x.ndim,
-      padding=((0, 0),) * (x.ndim - 1) + ((half, half),))
-  return (x32 * jax.lax.rsqrt(k + alpha * window_sum) ** (2 * beta)).astype(x.dtype)
+  channels = x.shape[-1]
+  if impl == 'reduce_window':
+    window_sum = jax.lax.reduce_window(
+        jnp.square(x32), 0.0, jax.lax.add,
+        window_dimensions=(1,) * (x.ndim - 1) + (size,),
+        window_strides=(1,) * x.ndim,
+        padding=((0, 0),) * (x.ndim - 1) + ((half, half),))
+  elif impl == 'shifted':
+    padded = jnp.pad(jnp.square(x32), ((0, 0),) * (x.ndim - 1) + ((half, half),))
+    window_sum = sum(jax.lax.slice_in_dim(padded, i, i + channels, axis=-1) for i in range(size))
+  elif impl == 'banded':
+    index = np.arange(channels)
+    band = jnp.asarray(np.abs(index[:, None] - index[None, :]) <= half, x.dtype)
+    window_sum = jax.lax.dot_general(jnp.square(x), band, (((x.ndim - 1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+  else:
+    raise ConfigError(f'model.lrn_impl={impl!r} is unknown; use one of {LRN_IMPLS}.')
+  denom = k + alpha * window_sum
+  if beta == 0.75:  # d^-3/4 without pow's exp/log, forward and backward
+    inv_sqrt = jax.lax.rsqrt(denom)
+    scale = inv_sqrt * jnp.sqrt(inv_sqrt)
+  else:
+    scale = denom ** -beta
+  return (x32 * scale).astype(x.dtype)
+
+
+POOL_IMPLS = ('reduce_window', 'slices')
+
+
+def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'reduce_window') -> jax.Array:
+  """VALID max-pooling over H, W of NHWC.
+
+  impl='slices' takes the maximum of the window*window strided slices: the same output, but its
+  gradient is elementwise (pads and selects that fuse) instead of XLA's select-and-scatter. On
+  ties within a window it splits the gradient equally where select-and-scatter gives it all to one
+  element (both are valid subgradients; after a ReLU the tied values are almost always zeros, whose
+  gradient the ReLU discards).
+  """
+  if impl == 'reduce_window':
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding='VALID')
+  if impl != 'slices':
+    raise ConfigError(f'model.pool_impl={impl!r} is unknown; use one of {POOL_IMPLS}.')
+  out_h, out_w = ((s - window) // stride + 1 for s in x.shape[1:3])
+  views = [jax.lax.slice(x, (0, i, j, 0),
+                         (x.shape[0], i + stride * (out_h - 1) + 1,
+                          j + stride * (out_w - 1) + 1, x.shape[3]), (1, stride, stride, 1))
+           for i in range(window) for j in range(window)]
+  return functools.reduce(jnp.maximum, views)
 
 
 def per_example_dropout(
@@ -106,28 +157,65 @@ def per_example_dropout(
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+GROUP_IMPLS = ('towers', 'grouped', 'block')
+CONV1_IMPLS = ('plain', 'space_to_depth')
+
+
 def conv_towers(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int, groups: int,
-                impl: str = 'towers') -> jax.Array:
+                impl: str = 'towers', space_to_depth: bool = False) -> jax.Array:
   """Grouped convolution, NHWC x HWIO; kernel is (kh, kw, C_in / groups, C_out).
 
   impl='towers' runs one convolution per tower and concatenates them (the paper's two GPUs);
-  impl='grouped' uses XLA's feature_group_count. Same result; 'towers' is ~8x faster on XLA:CPU.
+  'grouped' uses XLA's feature_group_count; 'block' runs one dense convolution whose kernel is
+  block-diagonal (zeros between towers: twice the multiply-adds, no split or concatenation).
+  Same result; 'towers' is ~8x faster than 'grouped' on XLA:CPU. `space_to_depth` (groups=1 only)
+  runs a strided convolution as a stride-1 one on (stride x stride) pixel blocks (see
+  `space_to_depth_conv`).
   """
   conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
                            padding=[(padding, padding)] * 2,
                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if impl not in GROUP_IMPLS:
+    raise ConfigError(f'model.group_impl={impl!r} is unknown; use one of {GROUP_IMPLS}.')
   if groups == 1:
-    return conv(x, kernel)
+    return space_to_depth_conv(x, kernel, stride, padding) if space_to_depth else conv(x, kernel)
   if impl == 'grouped':
     return conv(x, kernel, feature_group_count=groups)
-  if impl != 'towers':
-    raise ConfigError(f'model.group_impl={impl!r} is unknown; use one of {GROUP_IMPLS}.')
+  if impl == 'block':
+    kh, kw, cin, cout = kernel.shape
+    blocks = kernel.reshape(kh, kw, cin, groups, cout // groups)
+    dense = jnp.einsum('hwigo,gG->hwgiGo', blocks, jnp.eye(groups, dtype=kernel.dtype))
+    return conv(x, dense.reshape(kh, kw, cin * groups, cout))
   return jnp.concatenate([conv(xs, ks) for xs, ks in zip(jnp.split(x, groups, axis=-1),
                                                           jnp.split(kernel, groups, axis=-1))],
                          axis=-1)
 
 
-GROUP_IMPLS = ('towers', 'grouped')
+def space_to_depth_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """conv(x, kernel, stride, padding) computed as a stride-1 VALID convolution on blocks.
+
+  Output pixel o reads padded rows stride*o + t, t < kh; writing t = stride*a + r, that is block
+  row o + a, row r inside it. So the (padded) image becomes (H/stride, W/stride, stride^2 * C) and
+  the kernel, zero-padded to a multiple of stride, (ceil(kh/stride), ..., stride^2 * C, C_out):
+  for conv1, 57x57x48 images and a 3x3x48 kernel instead of 228x228x3 and 11x11x3, which fills
+  the matrix units that 3 input channels leave mostly idle. Same sums, same output.
+  """
+  n, _, _, c = x.shape
+  kh, kw, _, cout = kernel.shape
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  taps = [-(-k // stride) for k in (kh, kw)]  # kernel side in blocks
+  # Keep exactly the rows the outputs read, rounded up to whole blocks (the rest is never read).
+  sides = [stride * ((s - k) // stride + t) for s, k, t in zip(x.shape[1:3], (kh, kw), taps)]
+  x = x[:, :sides[0], :sides[1]]
+  x = jnp.pad(x, ((0, 0), (0, sides[0] - x.shape[1]), (0, sides[1] - x.shape[2]), (0, 0)))
+  bh, bw = sides[0] // stride, sides[1] // stride
+  x = x.reshape(n, bh, stride, bw, stride, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(n, bh, bw, stride * stride * c)
+  kernel = jnp.pad(kernel, ((0, stride * taps[0] - kh), (0, stride * taps[1] - kw), (0, 0), (0, 0)))
+  kernel = kernel.reshape(taps[0], stride, taps[1], stride, c, cout).transpose(0, 2, 1, 3, 4, 5)
+  kernel = kernel.reshape(taps[0], taps[1], stride * stride * c, cout)
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 class Conv2d(nn.Module):
@@ -142,6 +230,7 @@ class Conv2d(nn.Module):
   bias_init: nn.initializers.Initializer
   dtype: Any
   group_impl: str = 'towers'
+  space_to_depth: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +241,8 @@ class Conv2d(nn.Module):
                         (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features))
     bias = self.param('bias', self.bias_init, (self.features,))
     y = conv_towers(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
-                    padding=self.padding, groups=self.groups, impl=self.group_impl)
+                    padding=self.padding, groups=self.groups, impl=self.group_impl,
+                    space_to_depth=self.space_to_depth)
     return y + bias.astype(self.dtype)
 
 
@@ -172,15 +262,22 @@ class AlexNet(nn.Module):
   bias_init: float = 1.0  # value of the "ones" biases (Caffe needed 0.1)
   init_std: float = 0.01
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
-  group_impl: str = 'towers'  # how grouped convolutions run: 'towers' or 'grouped'
+  # How the layers run (same forward output; see README "Benchmarks"): GROUP_IMPLS, LRN_IMPLS,
+  # POOL_IMPLS, CONV1_IMPLS.
+  group_impl: str = 'towers'
+  lrn_impl: str = 'reduce_window'
+  pool_impl: str = 'reduce_window'
+  conv1_impl: str = 'plain'
 
   def __post_init__(self):
     super().__post_init__()
     if self.variant not in VARIANTS:
       raise ConfigError(f'model.variant={self.variant!r} is unknown; use one of {sorted(VARIANTS)}.')
-    if self.group_impl not in GROUP_IMPLS:
-      raise ConfigError(f'model.group_impl={self.group_impl!r} is unknown; use one of '
-                        f'{GROUP_IMPLS}.')
+    for field, choices in (('group_impl', GROUP_IMPLS), ('lrn_impl', LRN_IMPLS),
+                           ('pool_impl', POOL_IMPLS), ('conv1_impl', CONV1_IMPLS)):
+      if getattr(self, field) not in choices:
+        raise ConfigError(f'model.{field}={getattr(self, field)!r} is unknown; use one of '
+                          f'{choices}.')
     if self.groups < 1:
       raise ConfigError(f'model.groups={self.groups} must be 1 (one tower) or more.')
 
@@ -194,20 +291,22 @@ class AlexNet(nn.Module):
     if example_ids is None:
       example_ids = jnp.arange(x.shape[0])
     kernel_init = nn.initializers.normal(self.init_std)
-    pool = (3, 3) if self.overlapping_pool else (2, 2)
+    pool = 3 if self.overlapping_pool else 2
     x = x.astype(self.dtype)
     for row in VARIANTS[self.variant]:
       if isinstance(row, Conv):
         x = Conv2d(row.features, row.kernel, row.stride, row.padding,
                    groups=self.groups if row.grouped else 1, kernel_init=kernel_init,
                    bias_init=_bias(row.bias_one, self.bias_init), dtype=self.dtype,
-                   group_impl=self.group_impl, name=row.name)(x)
+                   group_impl=self.group_impl,
+                   space_to_depth=row.name == 'conv1' and self.conv1_impl == 'space_to_depth',
+                   name=row.name)(x)
         x = nn.relu(x)
         if row.lrn and self.lrn:
-          x = local_response_norm(x)
+          x = local_response_norm(x, impl=self.lrn_impl)
         conv_out = x
         if row.pool:
-          x = nn.max_pool(x, pool, strides=(2, 2), padding='VALID')
+          x = max_pool(x, pool, 2, self.pool_impl)
         self.sow('intermediates', 'rows', (conv_out, x))
         continue
       if x.ndim == 4:  # first dense row: flatten H, W, C (in that order)
@@ -264,6 +363,17 @@ def layer_table(
 
 def count_params(params: Any) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def forward_macs(model: AlexNet, image_size: int) -> int:
+  """Multiply-adds of one image's forward pass through the convolutions and dense layers.
+
+  Each output value of a row costs one multiply-add per kernel weight feeding it, so a row costs
+  (output pixels) x (its parameters less biases); LRN, pooling and ReLU are not counted. Paper model
+  at 224: 0.72 GMAC, so a trained image (forward + backward ~ 3 forwards) is ~4.3 GFLOP.
+  """
+  return sum(int(np.prod(out[:-1])) * (count - out[-1])
+             for _, out, _, count in layer_table(model, image_size))
 
 
 def format_table(model: AlexNet, image_size: int) -> str:

@@ -49,7 +49,8 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Al
   return models.AlexNet(num_classes=num_classes, variant=m.variant, lrn=m.lrn,
                         overlapping_pool=m.overlapping_pool, groups=m.groups,
                         dropout_rate=m.dropout_rate, bias_init=m.bias_init, init_std=m.init_std,
-                        dtype=jnp.dtype(m.dtype), group_impl=m.group_impl)
+                        dtype=jnp.dtype(m.dtype), group_impl=m.group_impl,
+                        lrn_impl=m.lrn_impl, pool_impl=m.pool_impl, conv1_impl=m.conv1_impl)
 
 
 def num_classes_of(config: ml_collections.ConfigDict, split: input_pipeline.Split) -> int:

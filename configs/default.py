@@ -30,7 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.03  # weights ~ N(0, init_std^2); paper: 0.01
   c.model.bias_init = 0.1  # value of the "ones" biases (conv2, conv4, conv5, fc6, fc7); paper: 1
   c.model.dtype = 'float32'  # computation dtype: 'float32' or 'bfloat16'
-  c.model.group_impl = 'towers'  # grouped convs as one conv per tower, or 'grouped' (XLA's)
+  # How layers run, same forward output (README "Benchmarks"); the GPU's best: configs/benchmark.py.
+  c.model.group_impl = 'towers'  # one conv per tower; 'grouped' (XLA's), 'block' (block-diagonal)
+  c.model.lrn_impl = 'reduce_window'  # or 'shifted' (one fused pass), 'banded' (1x1 contraction)
+  c.model.pool_impl = 'reduce_window'  # or 'slices' (max of strided slices, elementwise gradient)
+  c.model.conv1_impl = 'plain'  # or 'space_to_depth' (conv1 as a 3x3 conv on 4x4 pixel blocks)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'digits'  # a TFDS name; 'digits' is built from scikit-learn, offline

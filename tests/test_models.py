@@ -27,6 +27,15 @@ def test_lrn_matches_formula():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('impl', models.LRN_IMPLS)
+def test_lrn_implementations_match_formula(impl):
+  a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 4, 11)).astype(np.float32)
+  np.testing.assert_allclose(models.local_response_norm(jnp.asarray(a), impl=impl),
+                             lrn_reference(a), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(models.local_response_norm(jnp.asarray(a), beta=0.6, impl=impl),
+                             lrn_reference(a, beta=0.6), rtol=1e-5, atol=1e-6)
+
+
 def test_lrn_bfloat16_input_accumulates_in_float32():
   a = np.random.default_rng(1).normal(scale=30.0, size=(1, 2, 2, 8)).astype(np.float32)
   out = models.local_response_norm(jnp.asarray(a, jnp.bfloat16))
@@ -95,6 +104,61 @@ def test_towers_equal_xla_grouped_conv():
   x2 = x.at[..., 4:].set(0.0)
   np.testing.assert_allclose(models.conv_towers(x2, k, stride=1, padding=1, groups=2)[..., :3],
                              a[..., :3], rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_group_impl_equals_towers():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 7, 7, 6)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 2, 9)), jnp.float32)
+  np.testing.assert_allclose(models.conv_towers(x, k, stride=2, padding=1, groups=3, impl='block'),
+                             models.conv_towers(x, k, stride=2, padding=1, groups=3),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('side,kernel,stride,padding', [(63, 11, 4, 2), (70, 11, 4, 2),
+                                                        (224, 11, 4, 2), (9, 3, 2, 0)])
+def test_space_to_depth_conv_equals_strided_conv(side, kernel, stride, padding):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, side, side + 1, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  plain = models.conv_towers(x, k, stride=stride, padding=padding, groups=1)
+  s2d = models.space_to_depth_conv(x, k, stride, padding)
+  assert s2d.shape == plain.shape
+  np.testing.assert_allclose(s2d, plain, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('window,side', [(3, 13), (3, 55), (2, 12)])
+def test_max_pool_slices_equals_reduce_window(window, side):
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, side, side + 2, 4)), jnp.float32)
+  np.testing.assert_array_equal(models.max_pool(x, window, 2, 'slices'),
+                                models.max_pool(x, window, 2, 'reduce_window'))
+
+
+@pytest.mark.parametrize('impls', [
+    {'lrn_impl': 'shifted'}, {'lrn_impl': 'banded'}, {'pool_impl': 'slices'},
+    {'conv1_impl': 'space_to_depth'}, {'group_impl': 'grouped'}, {'group_impl': 'block'},
+    {'lrn_impl': 'banded', 'pool_impl': 'slices', 'conv1_impl': 'space_to_depth',
+     'group_impl': 'block'},
+])
+def test_implementations_keep_the_forward_output(impls):
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 67, 67, 3)), jnp.float32)
+  plain = models.AlexNet(num_classes=10, init_std=0.05, bias_init=0.1)
+  variables = jax.jit(lambda: plain.init(jax.random.PRNGKey(0), x, train=False))()
+  ref = jax.jit(lambda v: plain.apply(v, x, train=False))(variables)
+  out = jax.jit(lambda v: plain.clone(**impls).apply(v, x, train=False))(variables)
+  assert float(jnp.max(jnp.abs(ref))) > 1.0  # not a degenerate all-zero comparison
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_unknown_implementation_fails_before_compiling():
+  with pytest.raises(ValueError, match=r"model.lrn_impl='fused' is unknown"):
+    models.AlexNet(lrn_impl='fused').init(jax.random.PRNGKey(0), jnp.zeros((1, 63, 63, 3)),
+                                          train=False)
+
+
+def test_forward_macs_of_the_paper_model():
+  assert models.forward_macs(models.AlexNet(), 224) == 724_406_816  # 4.35 GFLOP per trained image
+  assert models.forward_macs(models.AlexNet(groups=1), 224) == 1_135_256_096
 
 
 def test_bfloat16_computation_keeps_float32_params():

@@ -1,0 +1,309 @@
+"""Training throughput of the real `train.train_step` on synthetic batches already on the devices.
+
+    python -m alexnet_jax.benchmark --config=configs/benchmark.py --json=b.jsonl --markdown=b.md
+    python -m alexnet_jax.benchmark --report=b.jsonl,torch.jsonl  # table + ratios of saved rows
+
+Each case (parallel wrapper, dtype, global batch, model implementation switches) builds the train
+state, wraps `train.train_step` with `parallel.Parallel(mode).wrap(..., donate_state=True)`, puts
+one random batch on the devices once and reuses it; the first call (compilation) and a few warm-up
+steps are excluded; then `repeats` blocks of `timed_steps` steps are timed up to
+`jax.block_until_ready` and the median block gives img/s. Achieved TFLOP/s counts the model's
+useful work: 3 x 2 x `models.forward_macs` per trained image (forward + backward ~ 3 forwards;
+4.35 GFLOP for the paper model at 224), whatever an implementation executes on top (zeros of the
+'block' kernels, LRN band matrices). Rows are printed and appended to `--json` as they are measured,
+so an interrupted run keeps what it measured. No TensorFlow is imported on this path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from alexnet_jax import models, optim, train
+from alexnet_jax.errors import ConfigError
+from alexnet_jax.parallel import MODES, Parallel
+
+# Dense bf16 tensor-core peak (TFLOP/s, NVIDIA spec sheets) by device name, most specific first.
+# A dense bf16 matmul reaches ~790 of the 989 on an H100 SXM / H200.
+PEAK_BF16_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4), ('H200', 989.4),
+                    ('A100', 312.0))
+IMPL_FIELDS = {'group_impl': models.GROUP_IMPLS, 'lrn_impl': models.LRN_IMPLS,
+               'pool_impl': models.POOL_IMPLS, 'conv1_impl': models.CONV1_IMPLS}
+GRIDS = ('one_at_a_time', 'product')
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+  """bf16 peak of one device called `device_name` (JAX device_kind, torch name); None: unknown."""
+  return next((peak for key, peak in PEAK_BF16_TFLOPS if key.lower() in device_name.lower()), None)
+
+
+def make_row(*, framework: str, wrapper: str, impl: str, dtype: str, batch_size: int,
+             seconds_per_step: float, flop_per_image: float, compile_s: float, device: str,
+             num_devices: int, **extra: Any) -> dict[str, Any]:
+  """One result row (shared with experiments/torch_reference.py)."""
+  images_per_s = batch_size / seconds_per_step
+  tflops = images_per_s * flop_per_image / 1e12
+  peak = peak_bf16_tflops(device)
+  return {'framework': framework, 'wrapper': wrapper, 'impl': impl, 'dtype': dtype,
+          'batch_size': batch_size, 'images_per_second': images_per_s,
+          'ms_per_step': 1e3 * seconds_per_step, 'flop_per_image': flop_per_image, 'tflops': tflops,
+          'peak_fraction': tflops / (peak * num_devices) if peak else None,
+          'compile_s': compile_s, 'device': device, 'num_devices': num_devices, **extra}
+
+
+COLUMNS = ('framework', 'wrapper', 'impl', 'dtype', 'batch', 'img/s', 'ms/step', 'TFLOP/s',
+           '% bf16 peak', 'compile s')
+
+
+def format_row(row: dict[str, Any]) -> str:
+  """A markdown table row (`COLUMNS`)."""
+  if 'error' in row:
+    cells = [row['framework'], row['wrapper'], row['impl'], row['dtype'], str(row['batch_size']),
+             'failed: ' + row['error'].replace('|', '/').replace('\n', ' '), '', '', '', '']
+  else:
+    frac = row['peak_fraction']
+    cells = [row['framework'], row['wrapper'], row['impl'], row['dtype'], str(row['batch_size']),
+             f'{row["images_per_second"]:,.0f}', f'{row["ms_per_step"]:.2f}',
+             f'{row["tflops"]:.1f}', 'n/a' if frac is None else f'{100 * frac:.1f}',
+             f'{row["compile_s"]:.1f}']
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+  return '\n'.join(lines + [format_row(r) for r in rows])
+
+
+def ratios(rows: Sequence[dict[str, Any]], batch_size: int = 256) -> list[str]:
+  """The issue's acceptance ratios from measured rows; a missing side says 'not measured'."""
+  ok = [r for r in rows if 'error' not in r and r['batch_size'] == batch_size]
+
+  def best(framework, dtype, wrapper=None):
+    found = [r for r in ok if r['framework'] == framework and r['dtype'] == dtype
+             and wrapper in (None, r['wrapper'])]
+    return max(found, key=lambda r: r['images_per_second'], default=None)
+
+  def line(what, num, den, den_name, target):
+    if num is None or den is None:
+      missing = [name for name, row in (('JAX', num), (den_name, den)) if row is None]
+      return f'{what}: not measured (no {" and no ".join(missing)} row)'
+    ratio = num['images_per_second'] / den['images_per_second']
+    return (f'{what}: JAX {num["images_per_second"]:,.0f} img/s ({num["wrapper"]}, {num["impl"]}) '
+            f'/ {den_name} {den["images_per_second"]:,.0f} img/s = {ratio:.2f}x (target >= '
+            f'{target}x)')
+
+  compiled = best('torch', 'bfloat16', 'compile')
+  eager32 = best('torch', 'float32', 'eager')
+  out = [line(f'bfloat16 batch {batch_size}, best JAX', best('jax', 'bfloat16'), compiled,
+              'torch.compile', 2.0)]
+  for wrapper in MODES:
+    out.append(line(f'bfloat16 batch {batch_size}, {wrapper}', best('jax', 'bfloat16', wrapper),
+                    compiled, 'torch.compile', 2.0))
+  out.append(line(f'float32 batch {batch_size}, best JAX', best('jax', 'float32'), eager32,
+                  'torch eager float32', 1.5))
+  return out
+
+
+def impl_name(impls: dict[str, str]) -> str:
+  return ' '.join(f'{k.removesuffix("_impl")}={v}' for k, v in impls.items())
+
+
+def initial_state(config: ml_collections.ConfigDict) -> train.TrainState:
+  """The train state on the host; parameters do not depend on dtype or implementations."""
+  model = train.make_model(config, config.model.num_classes)
+  return jax.device_get(train.create_train_state(
+      model, optim.make_optimizer(config.optimizer), optim.make_plateau(config.optimizer),
+      config.dataset.image_size, config.seed))
+
+
+def _safe(read: Callable[[], Any]) -> str:
+  """Metadata for a row; an API that moved in another JAX version must not lose the row."""
+  try:
+    return str(read())
+  except Exception:  # noqa: BLE001
+    return 'unknown'
+
+
+def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size: int,
+            impls: dict[str, str], host_state: train.TrainState) -> dict[str, Any]:
+  """Times `train.train_step` for one case (see the module docstring)."""
+  b = config.benchmark
+  case = config.copy_and_resolve_references()
+  case.model.dtype = dtype
+  case.model.update(impls)
+  image_size = config.dataset.image_size
+  model = train.make_model(case, config.model.num_classes)
+  tx = optim.make_optimizer(config.optimizer)
+  parallel = Parallel(mode)
+  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx), donate_state=True)
+  rng = np.random.default_rng(0)
+  batch = parallel.put_batch({
+      'image': rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32),
+      'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
+      'index': np.arange(batch_size, dtype=np.int32)})
+  state = parallel.put_state(host_state)
+
+  start = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  for _ in range(b.warmup_steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  blocks = []
+  for _ in range(b.repeats):
+    start = time.perf_counter()
+    for _ in range(b.timed_steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    blocks.append((time.perf_counter() - start) / b.timed_steps)
+  device = jax.devices()[0]
+  return make_row(framework='jax', wrapper=mode, impl=impl_name(impls), dtype=dtype,
+                  batch_size=batch_size, seconds_per_step=statistics.median(blocks),
+                  flop_per_image=6.0 * models.forward_macs(model, image_size),
+                  compile_s=compile_s, device=device.device_kind if device.platform != 'cpu'
+                  else 'cpu', num_devices=parallel.num_devices, jax_version=jax.__version__,
+                  matmul_precision=_safe(lambda: jax.config.jax_default_matmul_precision),
+                  image_size=image_size, step_times_ms=[1e3 * t for t in blocks],
+                  final_loss=float(parallel.get(metrics)['train_loss']))
+
+
+def parse_search(search: Sequence[str]) -> list[tuple[str, str]]:
+  """'field=value' strings → pairs, checked against the model's implementation choices."""
+  pairs = []
+  for item in search:
+    field, _, value = item.partition('=')
+    if field not in IMPL_FIELDS or value not in IMPL_FIELDS[field]:
+      raise ConfigError(f'benchmark.search item {item!r} is not FIELD=VALUE with FIELD in '
+                       f'{sorted(IMPL_FIELDS)} and VALUE one of its choices: {IMPL_FIELDS}.')
+    pairs.append((field, value))
+  return pairs
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Fails on a bad benchmark section before anything compiles."""
+  b = config.benchmark
+  for name, values, choices in (('modes', b.modes, MODES), ('dtypes', b.dtypes, train.DTYPES)):
+    if not values or any(v not in choices for v in values):
+      raise ConfigError(f'benchmark.{name}={values!r}: use a non-empty tuple of {choices}.')
+  if b.grid not in GRIDS:
+    raise ConfigError(f'benchmark.grid={b.grid!r} is unknown; use one of {GRIDS}.')
+  if not b.batch_sizes:
+    raise ConfigError('benchmark.batch_sizes is empty; give at least one batch size.')
+  for mode in b.modes:
+    for batch_size in b.batch_sizes:
+      Parallel(mode).check_batch_size(batch_size, f'benchmark.batch_sizes entry {batch_size}')
+  parse_search(b.search)
+  model = train.make_model(config, config.model.num_classes)
+  if config.dataset.image_size < models.min_image_size(model):
+    raise ConfigError(f'dataset.image_size={config.dataset.image_size} is too small; use at least '
+                     f'{models.min_image_size(model)}.')
+
+
+def grid(b: ml_collections.ConfigDict) -> list[tuple[str, str, int]]:
+  """(mode, dtype, batch) cases; the headline (first of each axis) comes first."""
+  head = (b.modes[0], b.dtypes[0], b.batch_sizes[0])
+  if b.grid == 'product':
+    cases = [(m, d, n) for m in b.modes for d in b.dtypes for n in b.batch_sizes]
+  else:
+    cases = ([head] + [(m, head[1], head[2]) for m in b.modes[1:]]
+             + [(head[0], d, head[2]) for d in b.dtypes[1:]]
+             + [(head[0], head[1], n) for n in b.batch_sizes[1:]])
+  return [head] + [c for c in cases if c != head]
+
+
+def run(config: ml_collections.ConfigDict, emit: Callable[[dict[str, Any]], None]
+        ) -> list[dict[str, Any]]:
+  """Greedy implementation search at the headline case, then the grid with the winner."""
+  check(config)
+  b = config.benchmark
+  rows = []
+  host_state = initial_state(config)
+
+  def attempt(mode, dtype, batch_size, impls, stage):
+    try:
+      row = measure(config, mode, dtype, batch_size, impls, host_state)
+    except Exception as e:  # e.g. out of memory at one batch size: report it, go on
+      row = {'framework': 'jax', 'wrapper': mode, 'impl': impl_name(impls), 'dtype': dtype,
+             'batch_size': batch_size, 'error': f'{type(e).__name__}: {str(e)[:200]}'}
+    row['stage'] = stage
+    rows.append(row)
+    emit(row)
+    return row
+
+  cases = grid(b)
+  impls = {field: config.model[field] for field in IMPL_FIELDS}
+  best = attempt(*cases[0], impls, 'baseline')
+  for field, value in parse_search(b.search):
+    if impls[field] == value:
+      continue
+    trial = attempt(*cases[0], {**impls, field: value}, f'search {field}={value}')
+    if 'error' not in trial and ('error' in best or
+                                 trial['images_per_second'] > best['images_per_second']):
+      best, impls = trial, {**impls, field: value}
+  for case in cases[1:]:
+    attempt(*case, impls, 'grid')
+  return rows
+
+
+def read_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+  rows = []
+  for path in paths:
+    with open(path) as f:
+      rows.extend(json.loads(line) for line in f if line.strip())
+  return rows
+
+
+def report(rows: Sequence[dict[str, Any]]) -> str:
+  """The table of all rows, then the acceptance ratios."""
+  devices = sorted({f'{r["device"]} x{r["num_devices"]}' for r in rows if 'device' in r})
+  return '\n'.join([f'Device: {", ".join(devices) or "unknown"}', '', format_table(rows), '',
+                    *ratios(rows)])
+
+
+def _cli() -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flag = config_flags.DEFINE_config_file('config', None, 'configs/benchmark.py')
+  json_path = flags.DEFINE_string('json', None, 'Append one JSON object per measured row here.')
+  markdown = flags.DEFINE_string('markdown', None, 'Write the final table and ratios here.')
+  report_paths = flags.DEFINE_list('report', None, 'Only print the table and ratios of the rows '
+                                   'in these JSON-lines files (JAX and torch); runs nothing.')
+
+  def main(argv: Sequence[str]) -> None:
+    del argv
+    if report_paths.value:
+      rows = read_rows(report_paths.value)
+    else:
+      if config_flag.value is None:
+        raise app.UsageError('give --config=configs/benchmark.py (or --report=FILES).')
+      print(format_table([]), flush=True)
+
+      def emit(row):
+        print(format_row(row), flush=True)
+        if json_path.value:
+          with open(json_path.value, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+      try:
+        rows = run(config_flag.value, emit)
+      except ConfigError as e:
+        raise SystemExit(f'error: {e}') from None
+    text = report(rows)
+    print('\n' + text, flush=True)
+    if markdown.value:
+      with open(markdown.value, 'w') as f:
+        f.write(text + '\n')
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _cli()
