@@ -24,6 +24,11 @@ from configs import imagenet
 def get_config() -> ml_collections.ConfigDict:
   c = imagenet.get_config()
   c.dataset.image_size = 224
+  # The search starts from the plain layers (imagenet.py already uses the measured winners).
+  c.model.group_impl = 'towers'
+  c.model.lrn_impl = 'reduce_window'
+  c.model.pool_impl = 'reduce_window'
+  c.model.conv1_impl = 'plain'
 
   c.benchmark = ml_collections.ConfigDict()
   c.benchmark.modes = ('jit', 'pmap')  # parallel.Parallel modes

@@ -19,12 +19,13 @@ def write_colour_folder(root, num_images: int, side: int) -> None:
   """Images whose pixels are i.i.d. N(MEAN, EIGVEC diag(EIGVAL) EIGVEC^T), side×side (no resize
   blur), ~5 sigma inside [0, 1]."""
   rng = np.random.default_rng(0)
-  for split, n in (('train', num_images), ('val', 1)):
-    os.makedirs(root / split / 'only')
+  for split, n in (('train', num_images), ('val', 2)):
     for i in range(n):
+      label = ('a', 'b')[i % 2]  # two classes: a folder set needs at least two
+      os.makedirs(root / split / label, exist_ok=True)
       z = rng.standard_normal((side, side, 3)) * np.sqrt(EIGVAL)
       pixels = np.clip(np.round((MEAN + z @ EIGVEC.T) * 255), 0, 255).astype(np.uint8)
-      Image.fromarray(pixels).save(root / split / 'only' / f'{i}.png')
+      Image.fromarray(pixels).save(root / split / label / f'{i}.png')
 
 
 def test_pca_stats_recover_a_known_colour_covariance(tmp_path):
