@@ -68,7 +68,7 @@ def plot_runs(runs: Sequence[Run], labels: Sequence[str] | None = None) -> matpl
                 where='post', color=color, label=label)
         points = run.lr_drops()
       else:
-        ax.plot(*run.series(key), color=color, label=label)
+        ax.plot(*run.series(key), color=color, label=label, marker='.', markersize=4)
         drops = {epoch for epoch, _ in run.lr_drops()}
         points = [(e, v) for e, v in zip(*run.series(key)) if e in drops]
       if points:
@@ -91,14 +91,15 @@ def plot_val_curves(runs: Sequence[Run], labels: Sequence[str],
   colors = {g: f'C{i % 10}' for i, g in enumerate(dict.fromkeys(groups))}
   seen = set()
   for run, label, group in zip(runs, labels, groups):
-    ax.plot(*run.series('val_top1_error'), color=colors[group], alpha=0.8,
+    ax.plot(*run.series('val_top1_error'), color=colors[group], alpha=0.8, marker='.',
             label=None if group in seen else group)
     seen.add(group)
   ax.set_xlabel('epoch')
   ax.set_ylabel('validation top-1 error')
   ax.set_yscale('log')
   ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize='small')
+  if runs:
+    ax.legend(fontsize='small')
   fig.tight_layout()
   return fig
 

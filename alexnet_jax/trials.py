@@ -21,8 +21,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -129,7 +131,7 @@ def command(trial: Trial, config_path: str, workdir: str,
   return args
 
 
-_ERROR_LINE = re.compile(r'^(?:[\w.]*(?:Error|Exception|Exit)\b|FATAL\b)')
+_ERROR_LINE = re.compile(r'^(?:[\w.]*(?:Error|Exception|Exit)\b|FATAL\b|error:)')
 
 
 def error_line(log: str, returncode: int) -> str:
@@ -148,10 +150,37 @@ def _error_path(workdir: str, trial: Trial) -> str:
   return os.path.join(workdir, trial.name, 'error.txt')
 
 
-def run_trial(trial: Trial, config_path: str, workdir: str,
-              base_overrides: Mapping[str, Any] = {}) -> str | None:
-  """Runs (or resumes) one trial to the end; returns None on success, else its error line.
-  The process's output is appended to `workdir/<trial>/log.txt`."""
+class Stop:
+  """Within `with`, SIGINT/SIGTERM are passed on to the running trials (which checkpoint and exit)
+  and mark the sweep as stopping: no new trial starts and no trial counts as finished."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self.processes: set[subprocess.Popen] = set()
+    self.lock = threading.Lock()
+
+  def __enter__(self) -> 'Stop':
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.event.set()
+    with self.lock:
+      for process in self.processes:
+        process.send_signal(signum)
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def run_trial(trial: Trial, config_path: str, workdir: str, base_overrides: Mapping[str, Any],
+              stop: Stop) -> str | None:
+  """Runs (or resumes) one trial to the end; returns None on success, else its error line
+  ('' if the sweep was stopped). The process's output is appended to `workdir/<trial>/log.txt`."""
+  if stop.event.is_set():
+    return ''
   trial_dir = os.path.join(workdir, trial.name)
   os.makedirs(trial_dir, exist_ok=True)
   args = command(trial, config_path, workdir, base_overrides)
@@ -160,8 +189,15 @@ def run_trial(trial: Trial, config_path: str, workdir: str,
   with open(log_path, 'a') as log:
     log.write(f'$ {shlex.join(args)}\n')
     log.flush()
-    returncode = subprocess.run([sys.executable] + args[1:], stdout=log, stderr=subprocess.STDOUT,
-                                env=env).returncode
+    with stop.lock:
+      process = subprocess.Popen([sys.executable] + args[1:], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+      stop.processes.add(process)
+    returncode = process.wait()
+    with stop.lock:
+      stop.processes.discard(process)
+  if stop.event.is_set():  # stopped part-way: neither finished nor failed; the next run resumes
+    return ''
   if returncode == 0:
     open(_done_path(workdir, trial), 'w').close()
     if os.path.exists(_error_path(workdir, trial)):
@@ -322,8 +358,9 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   todo = [t for t in trials if not os.path.exists(_done_path(workdir, t))]
   log(f'{len(trials) - len(todo)} of {len(trials)} trials already finished; running {len(todo)}, '
       f'{parallel} at a time, in {workdir}')
-  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    futures = {pool.submit(run_trial, t, config_path, workdir, base_overrides): t for t in todo}
+  with Stop() as stop, concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    futures = {pool.submit(run_trial, t, config_path, workdir, base_overrides, stop): t
+               for t in todo}
     for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
       trial = futures[future]
       error = future.result()
@@ -332,11 +369,14 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
         write_hparams(result, workdir)
         log(f'[{i}/{len(todo)}] {trial.name}: done, best val top-1 error '
             f'{100 * result.best_val_top1_error:.2f}%')
-      else:
+      elif error:
         log(f'[{i}/{len(todo)}] {trial.name}: FAILED, {error} '
             f'(log: {os.path.join(workdir, trial.name, "log.txt")})')
   results = write_report(trials, workdir)
   failed = [r for r in results if r.status == 'failed']
-  log(f'{len(results) - len(failed)} finished, {len(failed)} failed; wrote '
-      f'{os.path.join(workdir, "results.md")}, results.csv, sweep.png')
+  done = [r for r in results if r.status == 'done']
+  log(f'{len(done)} finished, {len(failed)} failed, {len(results) - len(done) - len(failed)} '
+      f'unfinished; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
+  if stop.event.is_set():
+    log('Stopped by a signal; run the same command to resume the unfinished trials.')
   return results

@@ -59,6 +59,8 @@ def test_error_line_and_spread():
   assert trials.error_line('FATAL Flags parsing error: bad\nPass --helpshort', 1) == (
       'exit code 1: FATAL Flags parsing error: bad')
   assert trials.error_line('Killed\n', -9) == 'exit code -9: Killed'
+  assert trials.error_line('error: model.dtype=1 is not supported\n', 1) == (
+      'exit code 1: error: model.dtype=1 is not supported')
   mean, std = trials.mean_std([0.1, 0.2, 0.6])
   assert mean == pytest.approx(0.3) and std == pytest.approx(0.26457513)  # sample std, ddof 1
   assert trials.mean_std([0.4]) == (0.4, 0.0)
