@@ -6,7 +6,7 @@ runs `configs/sweeps/ablation.py` (the full model and each trick switched off) w
 the config's data set (the offline digits by default; `--config=configs/imagenet.py` or
 `--config.dataset.name=cifar10` for others) in `--workdir` (default `runs/ablation_<dataset>`),
 resuming finished and unfinished trials like `alexnet_jax.sweep`, and writes
-`experiments/results/ablation_<dataset>.md`: each row's final validation error (mean ± sample std
+`experiments/results/ablation_<dataset>.md` (and `.png`, the validation curves): each row's final validation error (mean ± sample std
 over seeds), its change against the full model with the standard error of that difference, and
 the paper's reported change.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import shutil
 import sys
 from typing import Sequence
 
@@ -127,9 +128,12 @@ def main(argv: Sequence[str]) -> None:
     schedule += f', capped at {config.train.num_train_steps} steps'
   command = 'python -m experiments.ablation ' + shlex.join(sys.argv[1:])
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  figure = os.path.splitext(out)[0] + '.png'
+  shutil.copyfile(os.path.join(workdir, 'sweep.png'), figure)
   with open(out, 'w') as f:
     f.write(report(groups, dataset, command, schedule))
-  print(f'wrote {out}')
+    f.write(f'\n![validation top-1 error of every trial]({os.path.basename(figure)})\n')
+  print(f'wrote {out} and {figure}')
 
 
 if __name__ == '__main__':
