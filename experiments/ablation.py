@@ -7,7 +7,7 @@ the config's data set (the offline digits by default; `--config=configs/imagenet
 `--config.dataset.name=cifar10` for others) in `--workdir` (default `runs/ablation_<dataset>`),
 resuming finished and unfinished trials like `alexnet_jax.sweep`, and writes
 `experiments/results/ablation_<dataset>.md` (and `.png`, the validation curves): each row's final validation error (mean ± sample std
-over seeds), its change against the full model with the standard error of that difference, and
+over seeds), its change against the full model (paired by seed) with its standard error, and
 the paper's reported change.
 """
 
@@ -50,12 +50,18 @@ PAPER = {
 
 
 def difference(ablated: trials.Group, full: trials.Group, metric: str) -> tuple[float, float]:
-  """Mean change in percentage points and the standard error of that difference of means."""
-  (ma, sa), (mf, sf) = ablated.stat(metric), full.stat(metric)
-  na, nf = len(ablated.done), len(full.done)
-  if not na or not nf:
+  """Mean change in percentage points and its standard error. Rows share their seeds (the same
+  data order and dropout masks), so the change is paired by seed: the mean of the per-seed
+  differences, SE = their std / sqrt(n); unpaired (difference of means) if the seeds differ."""
+  a = {r.trial.overrides.get('seed'): getattr(r, metric) for r in ablated.done}
+  f = {r.trial.overrides.get('seed'): getattr(r, metric) for r in full.done}
+  if not a or not f:
     return math.nan, math.nan
-  return 100 * (ma - mf), 100 * math.sqrt(sa ** 2 / na + sf ** 2 / nf)
+  if a.keys() == f.keys() and len(a) > 1:
+    mean, std = trials.mean_std([a[s] - f[s] for s in a])
+    return 100 * mean, 100 * std / math.sqrt(len(a))
+  (ma, sa), (mf, sf) = trials.mean_std(list(a.values())), trials.mean_std(list(f.values()))
+  return 100 * (ma - mf), 100 * math.sqrt(sa ** 2 / len(a) + sf ** 2 / len(f))
 
 
 def verdict(change: float, stderr: float, paper: float | None) -> str:
@@ -82,8 +88,8 @@ def report(groups: dict[str, trials.Group], dataset: str, command: str, schedule
       f'Produced by `{command}`.', '',
       f'Schedule: {schedule}. Errors are the final validation errors (last epoch), in percent, '
       'mean ± sample standard deviation over seeds. "Change" is the row minus the full model in '
-      'percentage points ± the standard error of that difference of means (positive: removing '
-      'the trick hurts); "paper" is the change the paper reports on ILSVRC (alexnet_facts.md). '
+      'percentage points, paired by seed (every row runs the same seeds), ± its standard error '
+      '(std of the per-seed differences / sqrt(seeds); positive: removing the trick hurts); "paper" is the change the paper reports on ILSVRC (alexnet_facts.md). '
       'The verdict asks whether our change is further than 2 standard errors from zero, in the '
       "paper's direction.", '',
       '| row | seeds | top-1 % | top-5 % | change top-1 | paper top-1 | change top-5 | '
