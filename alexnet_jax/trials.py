@@ -1,0 +1,382 @@
+"""Sweeps: trials built from override dicts, run as `alexnet_jax.main` processes, and their results.
+
+A sweep file (`configs/sweeps/*.py`) defines `get_sweep()` returning a list of override dicts,
+`{'optimizer.learning_rate': 0.02, 'model.lrn': False}`, usually built with `product` and `zip`.
+Every dict (times every seed) is one trial: `python -m alexnet_jax.main --config=C
+--workdir=DIR/<trial name> --config.k=v ...` in its own process, so trials cannot disturb each
+other and each one resumes from its own checkpoints. A trial is finished when its `done` file
+exists; a failed one gets an `error.txt` holding the error line and is run again (resumed) by the
+next invocation.
+"""
+
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from alexnet_jax import curves
+
+Overrides = dict[str, Any]
+
+
+def product(*parts: Mapping[str, Sequence[Any]] | Sequence[Overrides]) -> list[Overrides]:
+  """Every combination. A part is `{key: [values]}` (each key an axis) or a list of override
+  dicts (e.g. from `zip`); later parts vary fastest.
+
+  product({'a': [1, 2], 'b': [3, 4]}) == [{'a': 1, 'b': 3}, {'a': 1, 'b': 4}, {'a': 2, ...}, ...]
+  """
+  axes: list[list[Overrides]] = []
+  for part in parts:
+    if isinstance(part, Mapping):
+      axes.extend([{k: v} for v in values] for k, values in part.items())
+    else:
+      axes.append(list(part))
+  return [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*axes)]
+
+
+def zip(axes: Mapping[str, Sequence[Any]]) -> list[Overrides]:  # pylint: disable=redefined-builtin
+  """Values taken together, position by position: zip({'a': [1, 2], 'b': [3, 4]}) ==
+  [{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]."""
+  lengths = {k: len(v) for k, v in axes.items()}
+  if len(set(lengths.values())) > 1:
+    raise ValueError(f'zip() needs lists of equal length, got {lengths}.')
+  return [dict(builtins.zip(axes, values)) for values in builtins.zip(*axes.values())]
+
+
+def load_sweep(path: str) -> list[Overrides]:
+  """Calls `get_sweep()` of the Python file at `path`."""
+  spec = importlib.util.spec_from_file_location('sweep_file', path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'--sweep={path} is not a file; pass a configs/sweeps/*.py file.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    raise ValueError(f'{path} defines no get_sweep(); it must return a list of override dicts.')
+  return list(module.get_sweep())
+
+
+def trial_name(overrides: Overrides) -> str:
+  """The trial's directory name: `key=value` pairs joined by commas; `base` for no overrides."""
+  if not overrides:
+    return 'base'
+  name = ','.join(f'{k}={v}' for k, v in overrides.items())
+  return re.sub(r'[^\w.,=+-]', '_', name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  overrides: Overrides  # the sweep's overrides, plus `seed` with --seeds > 1
+  group: str  # the trial name without the seed: seeds of one group are averaged
+
+  @property
+  def name(self) -> str:
+    return trial_name(self.overrides)
+
+
+def expand(sweep: Sequence[Overrides], seeds: int = 1, first_seed: int = 0) -> list[Trial]:
+  """One trial per override dict, or `seeds` trials (seed = first_seed + i) per dict if > 1."""
+  if seeds < 1:
+    raise ValueError(f'--seeds={seeds}; it must be at least 1.')
+  trials = []
+  for overrides in sweep:
+    group = trial_name(overrides)
+    if seeds == 1:
+      trials.append(Trial(dict(overrides), group))
+      continue
+    if 'seed' in overrides:
+      raise ValueError(f'trial {group} sets seed itself; drop --seeds or the seed override.')
+    trials.extend(Trial({**overrides, 'seed': first_seed + i}, group) for i in range(seeds))
+  names = [t.name for t in trials]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise ValueError(f'the sweep lists the same trial more than once: {", ".join(duplicates)}.')
+  return trials
+
+
+def check_keys(config: ml_collections.ConfigDict, trials: Sequence[Trial]) -> None:
+  """Raises on an override of a field the config does not have (a typo in the sweep file)."""
+  for trial in trials:
+    for key in trial.overrides:
+      node = config
+      for part in key.split('.'):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+          raise ValueError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
+                           'file (fields are dotted paths such as model.lrn).')
+        node = node[part]
+
+
+def command(trial: Trial, config_path: str, workdir: str,
+            base_overrides: Mapping[str, Any] = {}) -> list[str]:
+  """The `python -m alexnet_jax.main` command line of one trial (the sweep's own --config.x=y
+  overrides first, then the trial's)."""
+  args = ['python', '-m', 'alexnet_jax.main', f'--config={config_path}',
+          f'--workdir={os.path.join(workdir, trial.name)}']
+  args += [f'--config.{k}={v}' for k, v in base_overrides.items()]
+  args += [f'--config.{k}={v}' for k, v in trial.overrides.items()]
+  return args
+
+
+_ERROR_LINE = re.compile(r'^(?:[\w.]*(?:Error|Exception|Exit)\b|FATAL\b|error:)')
+
+
+def error_line(log: str, returncode: int) -> str:
+  """The line of a failed trial's output that says what went wrong."""
+  lines = [l.strip() for l in re.split(r'[\r\n]+', log) if l.strip()]
+  matches = [l for l in lines if _ERROR_LINE.match(l)]
+  line = matches[-1] if matches else (lines[-1] if lines else 'no output')
+  return f'exit code {returncode}: {line}'
+
+
+def _done_path(workdir: str, trial: Trial) -> str:
+  return os.path.join(workdir, trial.name, 'done')
+
+
+def _error_path(workdir: str, trial: Trial) -> str:
+  return os.path.join(workdir, trial.name, 'error.txt')
+
+
+class Stop:
+  """Within `with`, SIGINT/SIGTERM are passed on to the running trials (which checkpoint and exit)
+  and mark the sweep as stopping: no new trial starts and no trial counts as finished."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self.processes: set[subprocess.Popen] = set()
+    self.lock = threading.Lock()
+
+  def __enter__(self) -> 'Stop':
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.event.set()
+    with self.lock:
+      for process in self.processes:
+        process.send_signal(signum)
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def run_trial(trial: Trial, config_path: str, workdir: str, base_overrides: Mapping[str, Any],
+              stop: Stop) -> str | None:
+  """Runs (or resumes) one trial to the end; returns None on success, else its error line
+  ('' if the sweep was stopped). The process's output is appended to `workdir/<trial>/log.txt`."""
+  if stop.event.is_set():
+    return ''
+  trial_dir = os.path.join(workdir, trial.name)
+  os.makedirs(trial_dir, exist_ok=True)
+  args = command(trial, config_path, workdir, base_overrides)
+  env = {'TF_CPP_MIN_LOG_LEVEL': '3', **os.environ}
+  log_path = os.path.join(trial_dir, 'log.txt')
+  with open(log_path, 'a') as log:
+    log.write(f'$ {shlex.join(args)}\n')
+    log.flush()
+    with stop.lock:
+      process = subprocess.Popen([sys.executable] + args[1:], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+      stop.processes.add(process)
+    returncode = process.wait()
+    with stop.lock:
+      stop.processes.discard(process)
+  if stop.event.is_set():  # stopped part-way: neither finished nor failed; the next run resumes
+    return ''
+  if returncode == 0:
+    open(_done_path(workdir, trial), 'w').close()
+    if os.path.exists(_error_path(workdir, trial)):
+      os.remove(_error_path(workdir, trial))
+    return None
+  with open(log_path) as f:
+    f.seek(max(0, os.path.getsize(log_path) - 20_000))
+    error = error_line(f.read(), returncode)
+  with open(_error_path(workdir, trial), 'w') as f:
+    f.write(error + '\n')
+  return error
+
+
+@dataclasses.dataclass
+class Result:
+  trial: Trial
+  status: str  # 'done', 'failed' or 'unfinished'
+  error: str = ''
+  epochs: float = math.nan
+  best_val_top1_error: float = math.nan
+  best_val_top5_error: float = math.nan
+  final_val_top1_error: float = math.nan
+  final_val_top5_error: float = math.nan
+  run: curves.Run | None = None
+
+
+def collect(trial: Trial, workdir: str) -> Result:
+  """The trial's status and its best/final validation errors from its metrics.jsonl."""
+  trial_dir = os.path.join(workdir, trial.name)
+  if os.path.exists(_done_path(workdir, trial)):
+    result = Result(trial, 'done')
+  elif os.path.exists(_error_path(workdir, trial)):
+    with open(_error_path(workdir, trial)) as f:
+      result = Result(trial, 'failed', error=f.read().strip())
+  else:
+    result = Result(trial, 'unfinished')
+  if os.path.exists(os.path.join(trial_dir, 'metrics.jsonl')):
+    run = curves.read_run(trial_dir)
+    if run.evals:
+      result.run = run
+      result.epochs = run.evals[-1]['epoch']
+      result.best_val_top1_error = min(l['val_top1_error'] for l in run.evals)
+      result.best_val_top5_error = min(l['val_top5_error'] for l in run.evals)
+      result.final_val_top1_error = run.evals[-1]['val_top1_error']
+      result.final_val_top5_error = run.evals[-1]['val_top5_error']
+  return result
+
+
+_METRICS = ('best_val_top1_error', 'best_val_top5_error', 'final_val_top1_error',
+            'final_val_top5_error')
+
+
+def write_csv(results: Sequence[Result], path: str) -> None:
+  """One row per trial: its name, group, overrides (one column per key), status and errors."""
+  keys = list(dict.fromkeys(k for r in results for k in r.trial.overrides))
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['trial', 'group', *keys, 'status', 'epochs', *_METRICS, 'error'])
+    for r in results:
+      writer.writerow([r.trial.name, r.trial.group,
+                       *(r.trial.overrides.get(k, '') for k in keys), r.status,
+                       '' if math.isnan(r.epochs) else f'{r.epochs:g}',
+                       *('' if math.isnan(getattr(r, m)) else f'{getattr(r, m):.6f}'
+                         for m in _METRICS), r.error])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof 1; 0 for a single value); nan for none."""
+  if not values:
+    return math.nan, math.nan
+  mean = sum(values) / len(values)
+  if len(values) == 1:
+    return mean, 0.0
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@dataclasses.dataclass
+class Group:
+  """The trials of one override dict (its seeds), with the mean and spread over finished ones."""
+  name: str
+  results: list[Result]
+
+  @property
+  def done(self) -> list[Result]:
+    return [r for r in self.results if r.status == 'done']
+
+  def stat(self, metric: str) -> tuple[float, float]:
+    return mean_std([getattr(r, metric) for r in self.done])
+
+
+def group_results(results: Sequence[Result]) -> list[Group]:
+  """Groups in order of mean best validation top-1 error; groups with no finished trial last."""
+  groups: dict[str, list[Result]] = {}
+  for r in results:
+    groups.setdefault(r.trial.group, []).append(r)
+  out = [Group(name, rs) for name, rs in groups.items()]
+  return sorted(out, key=lambda g: (not g.done, g.stat('best_val_top1_error')[0]
+                                    if g.done else 0.0))
+
+
+def percent(mean_and_std: tuple[float, float], show_std: bool) -> str:
+  mean, std = mean_and_std
+  if math.isnan(mean):
+    return '—'
+  return f'{100 * mean:.2f} ± {100 * std:.2f}' if show_std else f'{100 * mean:.2f}'
+
+
+def markdown_table(groups: Sequence[Group]) -> str:
+  """Errors in percent, mean ± sample std over the finished seeds of each group."""
+  show_std = any(len(g.results) > 1 for g in groups)
+  rows = ['| trial | finished | best val top-1 % | best val top-5 % | final val top-1 % | '
+          'final val top-5 % | notes |', '|---|---|---|---|---|---|---|']
+  for g in groups:
+    notes = '; '.join(f'{r.trial.name} {r.status}' + (f': {r.error}' if r.error else '')
+                      for r in g.results if r.status != 'done')
+    rows.append(f'| {g.name} | {len(g.done)}/{len(g.results)} | ' +
+                ' | '.join(percent(g.stat(m), show_std) for m in _METRICS) +
+                f' | {notes.replace("|", "/")} |')
+  return '\n'.join(rows) + '\n'
+
+
+def write_report(trials: Sequence[Trial], workdir: str) -> list[Result]:
+  """Writes `workdir/results.csv`, `results.md` and `sweep.png`; returns the trials' results."""
+  results = [collect(t, workdir) for t in trials]
+  write_csv(results, os.path.join(workdir, 'results.csv'))
+  groups = group_results(results)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(f'# Sweep results: {workdir}\n\nSorted by best validation top-1 error; errors in '
+            'percent, mean ± sample standard deviation over seeds.\n\n')
+    f.write(markdown_table(groups))
+  plotted = [r for r in results if r.run is not None]
+  fig = curves.plot_val_curves([r.run for r in plotted], [r.trial.name for r in plotted],
+                               [r.trial.group for r in plotted])
+  curves.save(fig, os.path.join(workdir, 'sweep.png'))
+  return results
+
+
+def write_hparams(result: Result, workdir: str) -> None:
+  """The trial's overrides and best errors for TensorBoard's hparams dashboard
+  (`tensorboard --logdir DIR` compares all trials)."""
+  from tensorboardX import SummaryWriter
+  hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+             for k, v in result.trial.overrides.items()} or {'trial': result.trial.name}
+  metrics = {f'hparam/{m}': getattr(result, m) for m in _METRICS
+             if not math.isnan(getattr(result, m))}
+  with SummaryWriter(os.path.join(workdir, result.trial.name, 'tensorboard')) as writer:
+    writer.add_hparams(hparams, metrics, name='hparams')
+
+
+def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel: int = 1,
+              base_overrides: Mapping[str, Any] = {},
+              log: Callable[[str], None] = print) -> list[Result]:
+  """Runs every unfinished trial, `parallel` at a time, then writes the report. Finished trials
+  (a `done` file) are skipped; unfinished or failed ones resume from their checkpoints."""
+  if parallel < 1:
+    raise ValueError(f'--parallel={parallel}; it must be at least 1.')
+  os.makedirs(workdir, exist_ok=True)
+  todo = [t for t in trials if not os.path.exists(_done_path(workdir, t))]
+  log(f'{len(trials) - len(todo)} of {len(trials)} trials already finished; running {len(todo)}, '
+      f'{parallel} at a time, in {workdir}')
+  with Stop() as stop, concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    futures = {pool.submit(run_trial, t, config_path, workdir, base_overrides, stop): t
+               for t in todo}
+    for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+      trial = futures[future]
+      error = future.result()
+      result = collect(trial, workdir)
+      if error is None:
+        write_hparams(result, workdir)
+        log(f'[{i}/{len(todo)}] {trial.name}: done, best val top-1 error '
+            f'{100 * result.best_val_top1_error:.2f}%')
+      elif error:
+        log(f'[{i}/{len(todo)}] {trial.name}: FAILED, {error} '
+            f'(log: {os.path.join(workdir, trial.name, "log.txt")})')
+  results = write_report(trials, workdir)
+  failed = [r for r in results if r.status == 'failed']
+  done = [r for r in results if r.status == 'done']
+  log(f'{len(done)} finished, {len(failed)} failed, {len(results) - len(done) - len(failed)} '
+      f'unfinished; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
+  if stop.event.is_set():
+    log('Stopped by a signal; run the same command to resume the unfinished trials.')
+  return results

@@ -1,0 +1,60 @@
+import json
+import os
+import subprocess
+import sys
+
+from alexnet_jax import curves
+from conftest import REPO
+
+
+def write_run(workdir, lrs, duplicate_last=False):
+  """A metrics.jsonl like train.py's: 10 steps an epoch, train lines every 5, eval per epoch."""
+  os.makedirs(workdir)
+  lines = []
+  for epoch, lr in enumerate(lrs, 1):
+    for step in (10 * epoch - 5, 10 * epoch):
+      lines.append({'step': step, 'epoch': step / 10, 'train_loss': 2.0 / step,
+                    'train_top1_error': 0.5, 'learning_rate': lr, 'images_per_second': 1.0})
+    lines.append({'step': 10 * epoch, 'epoch': float(epoch), 'val_top1_error': 0.5 / epoch,
+                  'val_top5_error': 0.1 / epoch, 'val_loss': 1.0, 'learning_rate': lr})
+  if duplicate_last:  # a resumed run repeats the steps after its checkpoint
+    lines.append({**lines[-1], 'val_top1_error': 0.01})
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(l) + '\n' for l in lines)
+
+
+def test_plot_runs_overlays_runs_and_marks_lr_drops(tmp_path):
+  write_run(tmp_path / 'a', [0.01, 0.01, 0.001, 0.001, 0.0001], duplicate_last=True)
+  write_run(tmp_path / 'b', [0.02] * 5)
+  runs = [curves.read_run(str(tmp_path / d)) for d in 'ab']
+  assert [l['step'] for l in runs[0].evals] == [10, 20, 30, 40, 50]
+  assert runs[0].evals[-1]['val_top1_error'] == 0.01  # the newest line of a repeated step
+  assert runs[0].lr_drops() == [(3.0, 0.001), (5.0, 0.0001)]
+  assert runs[1].lr_drops() == []
+
+  fig = curves.plot_runs(runs)
+  axes = fig.axes
+  assert [ax.get_title() for ax in axes] == ['training loss', 'validation top-1 error',
+                                             'validation top-5 error', 'learning rate']
+  assert [len(ax.get_lines()) for ax in axes] == [2, 2, 2, 2]  # one line per run in each panel
+  assert list(axes[1].get_lines()[1].get_ydata()) == [0.5 / e for e in range(1, 6)]
+  lr_marks = axes[3].collections[0].get_offsets().tolist()
+  assert lr_marks == [[3.0, 0.001], [5.0, 0.0001]]  # the drops of run a; run b has none
+  assert len(axes[3].collections) == 1
+  assert axes[1].collections[0].get_offsets().tolist() == [[3.0, 0.5 / 3], [5.0, 0.01]]
+
+
+def test_plot_cli_writes_png(tmp_path):
+  write_run(tmp_path / 'a', [0.01, 0.001])
+  write_run(tmp_path / 'b', [0.01, 0.01])
+  out = subprocess.run([sys.executable, '-m', 'alexnet_jax.plot', f'--workdir={tmp_path / "a"}',
+                        str(tmp_path / 'b'), f'--out={tmp_path / "c.png"}'],
+                       cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(tmp_path / 'c.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert (tmp_path / 'c.png').stat().st_size > 10_000
+  missing = subprocess.run([sys.executable, '-m', 'alexnet_jax.plot', f'--workdir={tmp_path}'],
+                           cwd=REPO, capture_output=True, text=True)
+  assert missing.returncode != 0
+  assert 'metrics.jsonl does not exist; pass the --workdir of a training run' in missing.stderr
