@@ -21,7 +21,7 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import ConfigError, parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -92,4 +92,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

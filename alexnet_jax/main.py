@@ -6,12 +6,13 @@ Running the same command again on the same workdir resumes from its newest check
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from alexnet_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -37,27 +38,11 @@ def main(argv: Sequence[str]) -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from alexnet_jax import train  # imported late so --help stays fast
-  from alexnet_jax.errors import ConfigError, TrainingStopped
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, TrainingStopped) as e:
+  except (errors.ConfigError, errors.TrainingStopped) as e:
     sys.exit(f'error: {e}')
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing; a bad `--config.x=v` (unknown field, wrong type) is one line, not a trace."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-  except (AttributeError, KeyError) as e:  # ml_collections: the override names no config field
-    text = str(e).replace('\\', '')
-    field = re.search(r"'(\w+)'", text)
-    guess = re.search(r'Did you mean "(\w+)"', text)
-    sys.exit(f'error: {field.group(1) if field else text!r} is not a config field'
-             f'{f" (did you mean {guess.group(1)!r}?)" if guess else ""}; the fields and their '
-             f'types are in the --config file.')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=errors.parse_flags)

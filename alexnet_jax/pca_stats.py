@@ -22,7 +22,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import ConfigError, parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -85,4 +85,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
