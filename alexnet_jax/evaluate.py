@@ -39,34 +39,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, crops: 
                         step: int | None = None) -> dict[str, float]:
   """Scores checkpoint `step` (None: the newest) of `workdir`; writes eval_<crops>crop.json."""
   import jax
-  from alexnet_jax import checkpoints, input_pipeline, optim, train
+  from alexnet_jax import checkpoints, input_pipeline, models, train
   from alexnet_jax.parallel import Parallel
 
   parallel = Parallel(config.parallelism)
   # Ten crops make every example ten images: keep a batch's images near eval_batch_size.
   batch_size = max(config.train.eval_batch_size // crops // parallel.num_devices, 1)
   batch_size *= parallel.num_devices
-  manager = checkpoints.make_manager(workdir)
-  if manager.latest_step() is None:
-    raise ConfigError(f'{workdir} has no checkpoints; train first with python -m alexnet_jax.main '
-                     f'--workdir={workdir}.')
+  step, params = checkpoints.restore_params(workdir, step)
   builder = input_pipeline.get_builder(config.dataset)
   split = input_pipeline.load_split(builder, config.dataset.eval_split, cache=False,
                                     shard=jax.process_index(), num_shards=jax.process_count())
   model = train.make_model(config, train.num_classes_of(config, split))
   pre = input_pipeline.Preprocess.from_config(config.dataset)
-  state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
-                                   optim.make_plateau(config.optimizer), pre.image_size,
-                                   config.seed)
-  step = manager.latest_step() if step is None else step
-  if step not in manager.all_steps():
-    raise ConfigError(f'--checkpoint={step} is not in {workdir}/checkpoints (it has '
-                      f'{sorted(manager.all_steps())}); pick one of those.')
-  state = parallel.get(checkpoints.restore(manager, jax.device_get(state),
-                                           parallel.replicated_sharding, step))
-  manager.close()
+  checkpoints.check_param_shapes(params, models.abstract_params(model, pre.image_size),
+                                 f'checkpoint {step} of {workdir}',
+                                 'pass the config (and overrides) the run was trained with')
   p_eval_step = parallel.wrap(functools.partial(train.eval_step, model=model))
-  result = train.evaluate(p_eval_step, parallel.put_state(state), split, pre,
+  result = train.evaluate(p_eval_step, parallel.put_state(params), split, pre,
                           parallel.local_batch_size(batch_size), parallel, crops)
   result = {'step': int(step), 'crops': crops, 'split': config.dataset.eval_split,
             'num_examples': builder.info.splits[config.dataset.eval_split].num_examples, **result}

@@ -73,6 +73,12 @@ TORCHVISION = (
 )
 
 VARIANTS = {'paper': PAPER, 'torchvision': TORCHVISION}
+TORCHVISION_POOL = 6  # torchvision averages conv5's pooled map to 6x6 (nn.AdaptiveAvgPool2d)
+
+
+def layer_names(variant: str) -> tuple[str, ...]:
+  """The parameter-holding layers of a variant, input to output ('conv1', ..., 'fc8')."""
+  return tuple(row.name for row in VARIANTS[variant])
 
 
 LRN_IMPLS = ('reduce_window', 'shifted', 'banded')
@@ -311,7 +317,7 @@ class AlexNet(nn.Module):
         continue
       if x.ndim == 4:  # first dense row: flatten H, W, C (in that order)
         if self.variant == 'torchvision':
-          x = adaptive_avg_pool(x, (6, 6))
+          x = adaptive_avg_pool(x, (TORCHVISION_POOL, TORCHVISION_POOL))
         x = x.reshape(x.shape[0], -1)
       if row.dropout and train and self.dropout_rate > 0:
         x = per_example_dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
@@ -347,17 +353,24 @@ def min_image_size(model: AlexNet) -> int:
   return side
 
 
+def abstract_params(model: AlexNet, image_size: int) -> Any:
+  """The parameter tree's shapes and dtypes (jax.ShapeDtypeStruct) at this input side; nothing
+  is computed. (fc6's input size depends on the side, except in the torchvision variant.)"""
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)['params']
+
+
 def layer_table(
     model: AlexNet, image_size: int
 ) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int]]:
   """(layer, shape before pooling, shape after, parameter count) per table row, for one image."""
-  image = jnp.zeros((1, image_size, image_size, 3))
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+  image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  params = abstract_params(model, image_size)
   _, state = jax.eval_shape(
-      lambda v: model.apply(v, image, train=False, mutable=['intermediates']), variables)
+      lambda p, x: model.apply({'params': p}, x, train=False, mutable=['intermediates']),
+      params, image)
   outputs = state['intermediates']['rows']
-  return [(row.name, tuple(out.shape[1:]), tuple(pooled.shape[1:]),
-           count_params(variables['params'][row.name]))
+  return [(row.name, tuple(out.shape[1:]), tuple(pooled.shape[1:]), count_params(params[row.name]))
           for row, (out, pooled) in zip(VARIANTS[model.variant], outputs)]
 
 

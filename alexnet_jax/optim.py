@@ -28,7 +28,8 @@ WEIGHT_DECAY_MODES = ('decoupled', 'coupled')
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Per-step update from `config.optimizer` (learning_rate, momentum, weight_decay, mode)."""
+  """Per-step update from `config.optimizer` (learning_rate, momentum, weight_decay, mode), zero
+  for the top-level parameter groups (layers) named in `frozen_layers`."""
   mode = config.weight_decay_mode
   if mode not in WEIGHT_DECAY_MODES:
     raise ConfigError(f'optimizer.weight_decay_mode={mode!r} is unknown; use one of '
@@ -36,7 +37,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   decay = optax.add_decayed_weights(config.weight_decay)
   momentum = optax.trace(decay=config.momentum, nesterov=False)
   steps = [decay, momentum] if mode == 'coupled' else [momentum, decay]
-  return optax.chain(*steps, optax.scale(-config.learning_rate))
+  tx = optax.chain(*steps, optax.scale(-config.learning_rate))
+  frozen = tuple(config.frozen_layers)
+  if not frozen:
+    return tx
+  # Frozen layers get a zero update: no momentum buffer, no weight decay; their values never move.
+  def labels(params):
+    return {layer: jax.tree.map(lambda _: 'frozen' if layer in frozen else 'trained', sub)
+            for layer, sub in params.items()}
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:

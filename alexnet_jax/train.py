@@ -46,6 +46,9 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Al
   m = config.model
   if m.dtype not in DTYPES:
     raise ConfigError(f'model.dtype={m.dtype!r} is not supported; use one of {DTYPES}.')
+  if m.variant == 'torchvision' and (m.lrn or m.groups != 1):
+    raise ConfigError("model.variant='torchvision' has no LRN and no towers; set "
+                      "--config.model.lrn=False --config.model.groups=1 (configs/torchvision.py).")
   return models.AlexNet(num_classes=num_classes, variant=m.variant, lrn=m.lrn,
                         overlapping_pool=m.overlapping_pool, groups=m.groups,
                         dropout_rate=m.dropout_rate, bias_init=m.bias_init, init_std=m.init_std,
@@ -116,7 +119,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+def eval_step(params: Any, batch: dict[str, jax.Array], *,
               model: models.AlexNet) -> dict[str, jax.Array]:
   """Sums of errors and loss over the real (mask = 1) examples of the global batch.
 
@@ -124,13 +127,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   """
   images = batch['image']
   if images.ndim == 5:
-    logits = model.apply({'params': state.params}, images.reshape((-1,) + images.shape[2:]),
+    logits = model.apply({'params': params}, images.reshape((-1,) + images.shape[2:]),
                          train=False)
     log_probs = jax.nn.log_softmax(logits).reshape(images.shape[:2] + logits.shape[-1:])
     # log of the mean softmax; as logits, its softmax is that mean again.
     logits = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(images.shape[1])
   else:
-    logits = model.apply({'params': state.params}, images, train=False)
+    logits = model.apply({'params': params}, images, train=False)
   labels, mask = batch['label'], batch['mask']
   _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
   correct1 = top[:, 0] == labels
@@ -197,12 +200,12 @@ class StopSignal:
       signal.signal(s, handler)
 
 
-def evaluate(p_eval_step, state: Any, split: input_pipeline.Split,
+def evaluate(p_eval_step, params: Any, split: input_pipeline.Split,
              pre: input_pipeline.Preprocess, batch_size: int, parallel: Parallel,
              crops: int = 1) -> dict[str, float]:
   """Top-1/top-5 error and mean loss over the whole split (center crops, or the 10 crops)."""
   from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
-  sums = [p_eval_step(state, b) for b in
+  sums = [p_eval_step(params, b) for b in
           parallel.prefetch(input_pipeline.eval_batches(split, pre, batch_size, crops))]
   total = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get(sums))
   count = max(total['count'], 1.0)
@@ -226,6 +229,29 @@ def check_train_config(config: ml_collections.ConfigDict, parallel: Parallel) ->
         f'resumed run logs exactly what an uninterrupted one does.')
   optim.make_optimizer(config.optimizer)  # validates weight_decay_mode
   make_model(config, num_classes=2)  # validates the model fields
+  layers = models.layer_names(config.model.variant)
+  for field in ('optimizer.frozen_layers', 'init.reinit'):
+    unknown = [name for name in config[field] if name not in layers]
+    if unknown:
+      raise ConfigError(f'{field} names {unknown}, not layers of the {config.model.variant!r} '
+                        f'model; use some of {layers}.')
+  if config.init.reinit and not config.init.checkpoint:
+    raise ConfigError(f'init.reinit={tuple(config.init.reinit)} re-initialises layers of '
+                      f'init.checkpoint, which is not set; set it or clear init.reinit.')
+
+
+def init_from_checkpoint(init: ml_collections.ConfigDict, params: Any) -> tuple[Any, int]:
+  """`params` whose layers not in `init.reinit` come from `init.checkpoint`; and its step.
+
+  The checkpoint must hold the same layers with the same shapes except those re-initialised
+  (fine-tuning: `reinit=('fc8',)` gives fc8 the new number of classes).
+  """
+  step, source = checkpoints.restore_params(init.checkpoint, None if init.step < 0 else init.step)
+  checkpoints.check_param_shapes(
+      source, params, f'init.checkpoint={init.checkpoint!r} (step {step})',
+      'add that layer to init.reinit to initialise it afresh, or set the model fields that run used',
+      skip=init.reinit)
+  return {layer: params[layer] if layer in init.reinit else source[layer] for layer in params}, step
 
 
 def poison(batches: Iterator[dict[str, np.ndarray]], first_step: int,
@@ -257,14 +283,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f'least {models.min_image_size(model)}.')
 
   checkpoints.write_config(workdir, config)
+  checkpoints.write_class_names(workdir, train_split.class_names)
   tx = optim.make_optimizer(config.optimizer)
   plateau = optim.make_plateau(config.optimizer)
   state = create_train_state(model, tx, plateau, pre.image_size, config.seed)
   manager = checkpoints.make_manager(workdir, config.train.checkpoint_max_to_keep)
   state = jax.device_get(state)
   restored = checkpoints.restore(manager, state, parallel.replicated_sharding)
+  news = ''
   if restored is not None:
     state = parallel.get(restored)
+  elif config.init.checkpoint:  # a fresh start from another run's (or imported) parameters
+    params, source_step = init_from_checkpoint(config.init, state.params)
+    state = state.replace(params=params)
+    news = '; '.join([f'Initialised from {config.init.checkpoint} (step {source_step})'] +
+                     [f'{what} {", ".join(layers)}' for what, layers in
+                      (('re-initialised', config.init.reinit),
+                       ('frozen', config.optimizer.frozen_layers)) if layers])
   start_step = int(state.step)
 
   batch_size = parallel.local_batch_size(config.train.batch_size)  # this process's rows
@@ -290,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   say = bar.write if is_main else lambda text: None  # tqdm.write prints even when disabled
   if start_step:
     say(f'Resuming from step {start_step} (epoch {start_step / steps_per_epoch:.2f}) in {workdir}')
+  if news:
+    say(news)
   pending: list[dict[str, jax.Array]] = []
   last_eval: dict[str, float] = {}
   tick, tick_step = time.perf_counter(), start_step
@@ -323,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if save_now:
         host_state = parallel.get(state)
         if epoch_end:
-          last_eval = evaluate(p_eval_step, state, eval_split, pre,
+          last_eval = evaluate(p_eval_step, state.params, eval_split, pre,
                                parallel.local_batch_size(config.train.eval_batch_size), parallel)
           host_state = host_state.replace(plateau_state=optim.update_plateau(
               plateau, host_state.plateau_state, last_eval['val_top1_error']))

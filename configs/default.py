@@ -69,11 +69,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.allow_config_change = False  # resume a workdir whose stored config differs
   c.train.debug_nan_step = -1  # test hook: make the batch of this step NaN
 
+  # Start from another run's parameters (a trained workdir, or convert_torchvision's output)
+  # instead of the random init; ignored when the workdir already has a checkpoint to resume.
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = placeholder(str)  # its workdir; None: random init
+  c.init.step = -1  # its checkpoint to take; -1: the newest
+  c.init.reinit = ()  # layers initialised afresh instead, e.g. ('fc8',) for new classes
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.01
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4
   c.optimizer.weight_decay_mode = 'decoupled'  # or 'coupled' (the paper's form)
+  c.optimizer.frozen_layers = ()  # layers never updated, e.g. ('conv1', ..., 'conv5')
   c.optimizer.plateau = ml_collections.ConfigDict()
   c.optimizer.plateau.factor = 0.1  # LR x factor ...
   c.optimizer.plateau.patience = 3  # ... after this many epochs without a better val top-1 error

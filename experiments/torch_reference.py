@@ -13,6 +13,8 @@ the first steps (compilation) are excluded; rows are printed in `alexnet_jax.ben
 format and appended to `--json`, so `python -m alexnet_jax.benchmark --report=...` merges them
 with the JAX rows. TF32: PyTorch's defaults are kept (cuDNN convolutions may use TF32, float32
 matmuls do not) and recorded in each row; `cudnn.benchmark` is on (XLA autotunes too).
+`TorchvisionAlexNet` is torchvision's layout, module for module: what the weight-import tests
+and the README's conversion example save and convert.
 """
 
 from __future__ import annotations
@@ -60,6 +62,28 @@ def paper_alexnet(num_classes: int = 1000, image_size: int = 224) -> nn.Module:
       nn.Linear(flat, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
       nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
       nn.Linear(4096, num_classes))
+
+
+class TorchvisionAlexNet(nn.Module):
+  """torchvision.models.AlexNet, module for module (the same state_dict keys and shapes), for
+  tests and examples that have torch but not torchvision: 61,100,840 parameters."""
+
+  def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
+    super().__init__()
+    self.features = nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+    self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+    self.classifier = nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+        nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+        nn.Linear(4096, num_classes))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def sync(device: torch.device) -> None:

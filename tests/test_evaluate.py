@@ -39,7 +39,7 @@ def test_ten_crop_prediction_is_the_mean_of_ten_softmaxes(config):
   batch = {'image': images, 'label': labels, 'mask': np.array([1.0, 1.0, 0.0])}
   parallel = Parallel('jit', jax.devices()[:1])
   sums = parallel.get(parallel.wrap(functools.partial(train.eval_step, model=model))(
-      parallel.put_state(state), batch))
+      parallel.put_state(state.params), batch))
   top1 = np.argmax(probs, -1) != labels
   top5 = ~np.any(np.argsort(-probs, -1)[:, :5] == labels[:, None], -1)
   assert sums['count'] == 2 and sums['top1_errors'] == top1[:2].sum()
@@ -91,5 +91,5 @@ def test_fake_imagenet_trains_from_the_cli(tmp_path):
 
 def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path, config):
   from alexnet_jax import evaluate
-  with pytest.raises(ValueError, match='has no checkpoints; train first'):
+  with pytest.raises(ValueError, match='has no checkpoints; train there first'):
     evaluate.evaluate_checkpoint(config, str(tmp_path))

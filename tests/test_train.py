@@ -143,7 +143,7 @@ def test_evaluate_counts_every_example_once(config, digits_dir):
   parallel = Parallel('jit', jax.devices()[:1])
   step = parallel.wrap(functools.partial(train.eval_step, model=model))
   pre = input_pipeline.Preprocess.from_config(config.dataset)
-  result = train.evaluate(step, parallel.put_state(state), val, pre, 64, parallel)
+  result = train.evaluate(step, parallel.put_state(state.params), val, pre, 64, parallel)
   # The untrained model predicts one class for everything: top-1 error = 1 - that class's share.
   assert 0.85 <= result['val_top1_error'] <= 0.95
   assert result['val_top5_error'] < result['val_top1_error']

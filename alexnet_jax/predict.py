@@ -1,0 +1,104 @@
+"""Top-5 classes of images from a checkpoint: a training workdir or convert_torchvision's output.
+
+    python -m alexnet_jax.predict --checkpoint=runs/torchvision photo.jpg more/*.png
+
+The workdir's `config.json` gives the model and the evaluation preprocessing of its run (shorter
+side to round(S·256/224), center S crop, the config's mean/std: torchvision's for imported
+weights), `class_names.txt` the names (ImageNet synsets are shown with their words, e.g.
+`tench (n01440764)`; a folder data set's are its folder names). Prints, per image, the top
+`--top_k` classes with their softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+import numpy as np
+
+from alexnet_jax.errors import ConfigError, parse_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Only when run as a program, so that importing the functions defines no flags."""
+  flags.DEFINE_string('checkpoint', None, "A workdir: training's, or convert_torchvision's.")
+  flags.DEFINE_integer('step', None, 'Its checkpoint to use (default: the newest).')
+  flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
+  flags.mark_flags_as_required(['checkpoint'])
+
+
+def imagenet_classes() -> dict[str, str]:
+  """The 1000 ILSVRC-2012 synsets in label order (TFDS imagenet2012's, torchvision's) and
+  their words (torchvision's names)."""
+  with open(os.path.join(os.path.dirname(__file__), 'imagenet_classes.tsv')) as f:
+    return dict(line.rstrip('\n').split('\t') for line in f)
+
+
+def readable(names: Sequence[str]) -> list[str]:
+  """ImageNet synsets become 'words (synset)'; other names stay as they are."""
+  words = imagenet_classes()
+  return [f'{words[n]} ({n})' if n in words else n for n in names]
+
+
+def predict(workdir: str, paths: Sequence[str], step: int | None = None,
+            top_k: int = 5) -> list[list[tuple[str, float]]]:
+  """For each image, its `top_k` (class name, probability) pairs, most probable first."""
+  import jax
+  import tensorflow as tf
+  from alexnet_jax import checkpoints, input_pipeline, models, train
+
+  config = checkpoints.read_config(workdir)
+  step, params = checkpoints.restore_params(workdir, step)
+  num_classes = params['fc8']['bias'].shape[0]
+  model = train.make_model(config, num_classes)
+  pre = input_pipeline.Preprocess.from_config(config.dataset)
+  checkpoints.check_param_shapes(params, models.abstract_params(model, pre.image_size),
+                                 f'checkpoint {step} of {workdir}',
+                                 'its config.json does not describe it; retrain or re-convert')
+  names = checkpoints.read_class_names(workdir)
+  if names is None or len(names) != num_classes:
+    logging.warning('%s has no class names for its %d classes; printing class indices.', workdir,
+                    num_classes)
+    names = [f'class {i}' for i in range(num_classes)]
+  names = readable(names)
+
+  images = []
+  for path in paths:
+    try:
+      with open(path, 'rb') as f:
+        images.append(input_pipeline.eval_image(tf.constant(f.read()), pre).numpy())
+    except (OSError, tf.errors.InvalidArgumentError) as e:
+      reason = str(e).strip().splitlines()[0][:200]
+      raise ConfigError(f'cannot read image {path} ({reason}); pass JPEG, PNG, BMP or GIF '
+                        f'files.') from None
+  probs = jax.jit(lambda x: jax.nn.softmax(model.apply({'params': params}, x, train=False)))
+  results = []
+  for start in range(0, len(images), 64):
+    for p in np.asarray(probs(np.stack(images[start:start + 64]))):
+      top = np.argsort(-p, kind='stable')[:top_k]
+      results.append([(names[i], float(p[i])) for i in top])
+  return results
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) < 2:
+    raise app.UsageError('usage: python -m alexnet_jax.predict --checkpoint=DIR IMAGE...')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    results = predict(FLAGS.checkpoint, argv[1:], FLAGS.step, FLAGS.top_k)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
+  for path, top in zip(argv[1:], results):
+    print(path)
+    for name, p in top:
+      print(f'  {p:.4f}  {name}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
