@@ -410,12 +410,17 @@ def _cli() -> None:
   from absl import app, flags
   variant = flags.DEFINE_enum('variant', 'paper', sorted(VARIANTS), 'Which architecture table.')
   num_classes = flags.DEFINE_integer('num_classes', 1000, 'Size of fc8.')
-  groups = flags.DEFINE_integer('groups', 2, 'Towers in conv2/4/5 (paper: 2; 1 = one tower).')
+  groups = flags.DEFINE_integer('groups', None, 'Towers in conv2/4/5 of the paper variant '
+                                '(default 2; 1 = one tower). torchvision has none.')
   image_size = flags.DEFINE_integer('image_size', 224, 'Input side in pixels.')
 
   def main(argv: Sequence[str]) -> None:
     del argv
-    model = AlexNet(num_classes=num_classes.value, variant=variant.value, groups=groups.value)
+    paper = variant.value == 'paper'
+    if not paper and groups.value not in (None, 1):
+      raise app.UsageError('--groups applies to --variant=paper only; torchvision has no towers.')
+    model = AlexNet(num_classes=num_classes.value, variant=variant.value, lrn=paper,
+                    groups=(groups.value or 2) if paper else 1)
     try:
       print(format_table(model, image_size.value))
     except ValueError as e:

@@ -71,9 +71,10 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None,
     try:
       with open(path, 'rb') as f:
         images.append(input_pipeline.eval_image(tf.constant(f.read()), pre).numpy())
-    except (OSError, tf.errors.InvalidArgumentError) as e:
-      reason = str(e).strip().splitlines()[0][:200]
-      raise ConfigError(f'cannot read image {path} ({reason}); pass JPEG, PNG, BMP or GIF '
+    except OSError as e:
+      raise ConfigError(f'cannot read image {path}: {e.strerror}.') from None
+    except tf.errors.InvalidArgumentError:
+      raise ConfigError(f'cannot decode image {path}; pass JPEG, PNG, GIF, BMP or WebP '
                         f'files.') from None
   probs = jax.jit(lambda x: jax.nn.softmax(model.apply({'params': params}, x, train=False)))
   results = []
