@@ -138,12 +138,11 @@ def write_workdir(params: Mapping[str, Any], outdir: str, config: ml_collections
   if class_names is not None and len(class_names) != num_classes:
     raise ConfigError(f'{len(class_names)} class names for {num_classes} classes; give one name '
                       f'per class, in label order.')
-  state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
-                                   optim.make_plateau(config.optimizer),
-                                   config.dataset.image_size, config.seed)
-  checkpoints.check_param_shapes(params, state.params, 'the converted weights',
-                                 'convert a torchvision AlexNet state_dict')
-  state = jax.device_get(state).replace(params=jax.tree.map(np.asarray, dict(params)))
+  checkpoints.check_param_shapes(params, models.abstract_params(model, config.dataset.image_size),
+                                 'the converted weights', 'convert a torchvision AlexNet state_dict')
+  state = jax.device_get(train.create_train_state(
+      model, optim.make_optimizer(config.optimizer), optim.make_plateau(config.optimizer),
+      config.dataset.image_size, config.seed, params=dict(params)))
   checkpoints.write_config(outdir, config)
   if class_names is not None:
     checkpoints.write_class_names(outdir, class_names)

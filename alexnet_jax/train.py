@@ -69,18 +69,19 @@ def num_classes_of(config: ml_collections.ConfigDict, split: input_pipeline.Spli
 
 def create_train_state(model: models.AlexNet, tx: optax.GradientTransformation,
                        plateau: optax.GradientTransformation, image_size: int,
-                       seed: int) -> TrainState:
-  """Initialises parameters (on the default device) and optimiser states."""
+                       seed: int, params: Any = None) -> TrainState:
+  """Initialises parameters (or takes `params`) and optimiser states, on the default device."""
   init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
 
   @jax.jit
-  def init():
-    params = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)),
-                        train=False)['params']
+  def init(params):
+    if params is None:
+      params = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)),
+                          train=False)['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       plateau_state=plateau.init(params), rng=rng)
 
-  return init()
+  return init(params)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

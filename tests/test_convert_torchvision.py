@@ -132,12 +132,14 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   assert result['val_top1_error'] == wrong / count
 
   # fine-tune (configs/finetune_folder.py) from the import: convs frozen, fc8 new, fc6/fc7 train.
+  from configs import finetune_folder
+  config = finetune_folder.get_config()
+  config.init.checkpoint, config.dataset.path = imported, images
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  config.dataset.image_size = 63
+  config.train.batch_size, config.train.num_train_steps = 8, 2
   tuned = str(tmp_path / 'tuned')
-  cli('main', '--config=configs/finetune_folder.py', f'--workdir={tuned}',
-      f'--config.init.checkpoint={imported}', f'--config.dataset.path={images}',
-      f'--config.dataset.data_dir={tmp_path / "tfds"}', '--config.dataset.image_size=63',
-      '--config.train.batch_size=8', '--config.train.num_train_steps=2',
-      '--config.optimizer.learning_rate=0.1')
+  train.train_and_evaluate(config, tuned)
   _, source = checkpoints.restore_params(imported)
   step, params = checkpoints.restore_params(tuned)
   assert step == 2 and checkpoints.read_class_names(tuned) == list(CLASSES)
@@ -153,8 +155,7 @@ def test_init_from_checkpoint_replaces_only_the_reinit_layers(converted, importe
   source = convert_torchvision.convert_state_dict(converted[0].state_dict())
   config = torchvision_config()
   model = train.make_model(config, 5)  # five classes: fc8 must be replaced
-  fresh = jax.device_get(model.init(jax.random.key(1), np.zeros((1, 63, 63, 3)),
-                                    train=False)['params'])
+  fresh = jax.tree.map(lambda p: np.full(p.shape, 7.0, p.dtype), models.abstract_params(model, 63))
   config.init.checkpoint = imported
   with pytest.raises(ValueError, match=r'fc8.bias is \(3,\) there but \(5,\) here; add that layer '
                                        r'to init.reinit'):

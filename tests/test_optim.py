@@ -9,7 +9,7 @@ from alexnet_jax import optim
 
 def opt_config(mode, **plateau):
   return ml_collections.ConfigDict(dict(
-      learning_rate=0.1, momentum=0.9, weight_decay=0.5, weight_decay_mode=mode,
+      learning_rate=0.1, momentum=0.9, weight_decay=0.5, weight_decay_mode=mode, frozen_layers=(),
       plateau=dict(factor=0.1, patience=3, rtol=1e-4, atol=0.0, cooldown=0, min_scale=1e-3,
                    **plateau)))
 
