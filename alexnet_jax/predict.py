@@ -76,10 +76,10 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None,
     except tf.errors.InvalidArgumentError:
       raise ConfigError(f'cannot decode image {path}; pass JPEG, PNG, GIF, BMP or WebP '
                         f'files.') from None
-  probs = jax.jit(lambda x: jax.nn.softmax(model.apply({'params': params}, x, train=False)))
+  probs = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x, train=False)))
   results = []
   for start in range(0, len(images), 64):
-    for p in np.asarray(probs(np.stack(images[start:start + 64]))):
+    for p in np.asarray(probs(params, np.stack(images[start:start + 64]))):
       top = np.argsort(-p, kind='stable')[:top_k]
       results.append([(names[i], float(p[i])) for i in top])
   return results
