@@ -1,91 +1,196 @@
-"""What a workdir holds besides metrics: orbax checkpoints and the config of the run.
+"""Orbax checkpoints of a run: `WORKDIR/checkpoints/<step>/`.
 
-`WORKDIR/checkpoints/<step>/` — the whole train state (parameters, momentum, plateau state, step,
-RNG key). The last `max_to_keep` are kept, plus the best by validation top-1 error. Orbax writes
-each checkpoint under a temporary name and renames it when complete, so a crash or a full disk
-never damages the previous one.
-`WORKDIR/config.json` — the config of the first start; a later start with a different config is
-refused (fields in RESUMABLE may change).
-`WORKDIR/class_names.txt` — the data set's class names, one a line in label order (for `predict`).
+Each holds the whole train state (parameters, momentum, plateau state, step, RNG key). The last
+`max_to_keep` are kept, plus the best by validation top-1 error. Orbax writes each checkpoint
+under a temporary name and renames it when complete, so a crash or a full disk never damages the
+previous one. A checkpoint damaged later (a truncated copy, a bad disk) is reported and skipped:
+training resumes from the newest one that restores, and the damaged one is moved, whole, to
+`WORKDIR/damaged_checkpoints/<step>/`, so the run can write that step again.
 
 `restore_params` reads only the parameters of a checkpoint: what evaluation, prediction and
-fine-tuning (`init.checkpoint`) need, whatever optimiser state the run kept beside them.
+fine-tuning (`init.checkpoint`) need, whatever optimiser state the run kept beside them. Reading
+never creates anything.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from alexnet_jax.errors import ConfigError
 
-# Fields a resumed run may change: run length, logging, paths, and how devices share the work.
-RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
-             'train.num_train_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
-             'train.checkpoint_max_to_keep', 'train.allow_config_change', 'train.on_nonfinite',
-             'train.debug_nan_step', 'train.eval_batch_size')
-CLASS_NAMES = 'class_names.txt'
+DAMAGED = 'damaged_checkpoints'
 
 
-def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def make_manager(workdir: str, max_to_keep: int = 3,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's manager; `read_only` creates nothing (a missing directory has no steps)."""
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(max_to_keep),
       ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['val_top1_error'], reverse=True,
                                     n=1, keep_checkpoints_without_metrics=False)])
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      item_handlers=ocp.StandardCheckpointHandler(),  # so metadata is readable before any restore
-      options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=False))
+  with quiet(logging.ERROR):  # a read-only manager warns that it is read-only
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        item_handlers=ocp.StandardCheckpointHandler(),  # metadata readable before any restore
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only, enable_async_checkpointing=False))
+
+
+def all_steps(workdir: str) -> list[int]:
+  """The steps of the workdir's checkpoints, oldest first (none if it has no checkpoints/)."""
+  manager = make_manager(workdir, read_only=True)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
   """Writes `state` (global arrays, see Parallel.replicated) as checkpoint `step`; every
   process calls it, orbax coordinates who writes what."""
-  manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
-  manager.wait_until_finished()
+  with quiet():  # a failure is raised to the caller, who says it in one line
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    manager.wait_until_finished()
 
 
 def restore(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
-            step: int | None = None) -> Any | None:
-  """Checkpoint `step` (default: the newest) in the structure of `like`, as arrays with
-  `sharding`; None if there is none."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None
+            step: int) -> Any:
+  """Checkpoint `step` in the structure of `like`, as arrays with `sharding`."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def reason(error: BaseException) -> str:
+  """What the one-line errors quote of a library failure: the first line of the innermost
+  exception of the chain (tensorstore's own words, not orbax's wrapper), at most 200 characters."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line if len(line) <= 200 else '...' + line[-200:]
+
+
+@contextlib.contextmanager
+def quiet(level: int = logging.CRITICAL) -> Iterator[None]:
+  """Orbax logs failures with tracebacks (some from its threads) and read-only managers with
+  warnings; within `with`, those stay off the terminal: the caller reports them in one line."""
+  loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(level)
+  try:
+    yield
+  finally:
+    for logger, old in zip(loggers, levels):
+      logger.setLevel(old)
+
+
+def _is_orbax_leftover(exc: BaseException | None, obj: Any = None) -> bool:
+  code = getattr(obj, 'cr_code', None)
+  return (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed') or (
+      code is not None and 'orbax' in code.co_filename)
+
+
+def _drop_orbax_leftovers() -> None:
+  """A failed orbax restore leaves coroutines and tensorstore callbacks behind that print
+  tracebacks whenever they are collected, long after the failure was reported in one line:
+  from then on this process drops those (and only those)."""
+  if getattr(sys.excepthook, 'drops_orbax_leftovers', False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, exc, tb):
+    if not _is_orbax_leftover(exc):
+      excepthook(kind, exc, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_orbax_leftover(unraisable.exc_value, unraisable.object):
+      unraisablehook(unraisable)
+
+  quiet_excepthook.drops_orbax_leftovers = True
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+def restore_newest(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
+                   say: Callable[[str], None]) -> tuple[Any | None, list[int]]:
+  """(the newest checkpoint that restores, or None if there is none; the newer steps that did
+  not). Each failure is one line through `say`; if every checkpoint fails, a ConfigError."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  damaged: dict[int, str] = {}
+  for step in steps:
+    try:
+      with quiet():
+        return restore(manager, like, sharding, step), list(damaged)
+    except Exception as e:  # tensorstore, orbax, msgpack and OS errors alike
+      _drop_orbax_leftovers()
+      damaged[step] = reason(e)
+      say(f'checkpoint {step} in {manager.directory} cannot be restored ({damaged[step]}); '
+          f'trying an older one.')
+  if damaged:
+    newest = steps[0]
+    raise ConfigError(
+        f'none of the checkpoints in {manager.directory} can be restored (steps '
+        f'{", ".join(map(str, sorted(damaged)))}; step {newest}: {damaged[newest]}); to start '
+        f'over, use a fresh --workdir or move that checkpoints directory away.')
+  return None, []
+
+
+def set_aside(manager: ocp.CheckpointManager, workdir: str, steps: Sequence[int]) -> str:
+  """Moves damaged checkpoints to WORKDIR/damaged_checkpoints/<step>/ (nothing is deleted);
+  returns that directory. Call on process 0 only."""
+  where = os.path.join(workdir, DAMAGED)
+  os.makedirs(where, exist_ok=True)
+  for step in steps:
+    target = os.path.join(where, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(where, f'{step}.{suffix}')
+      suffix += 1
+    os.rename(os.path.join(str(manager.directory), str(step)), target)
+  return where
+
+
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
   """(step, parameters as numpy arrays) of checkpoint `step` (None: the newest) of `workdir`."""
-  manager = make_manager(workdir)
-  steps = manager.all_steps()
-  if not steps:
-    raise ConfigError(f'{workdir} has no checkpoints; train there first (python -m '
-                      f'alexnet_jax.main) or import weights (python -m '
-                      f'alexnet_jax.convert_torchvision PATH.pth {workdir}).')
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise ConfigError(f'checkpoint {step} is not in {workdir}/checkpoints (it has '
-                      f'{sorted(steps)}); pick one of those.')
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  like = {'params': jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                 manager.item_metadata(step)['params'])}
-  manager.close()
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(manager.directory, str(step), 'default'),
-      args=ocp.args.PyTreeRestore(like, ocp.checkpoint_utils.construct_restore_args(like),
-                                  partial_restore=True))
+  manager = make_manager(workdir, read_only=True)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ConfigError(f'{workdir} has no checkpoints; train there first (python -m '
+                        f'alexnet_jax.main) or import weights (python -m '
+                        f'alexnet_jax.convert_torchvision PATH.pth {workdir}).')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ConfigError(f'checkpoint {step} is not in {workdir}/checkpoints (it has '
+                        f'{sorted(steps)}); pick one of those.')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+      like = {'params': jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          manager.item_metadata(step)['params'])}
+      with quiet(), ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            os.path.join(manager.directory, str(step), 'default'),
+            args=ocp.args.PyTreeRestore(like, ocp.checkpoint_utils.construct_restore_args(like),
+                                        partial_restore=True))
+    except Exception as e:  # a damaged checkpoint: say which, and what else there is
+      _drop_orbax_leftovers()
+      others = sorted(set(steps) - {step})
+      raise ConfigError(f'checkpoint {step} of {workdir} cannot be read ({reason(e)}); '
+                        f'{f"pick another step ({', '.join(map(str, others))})" if others else "it has no other"}.'
+                        ) from None
+  finally:
+    manager.close()
   return step, jax.device_get(restored['params'])
 
 
@@ -102,61 +207,3 @@ def check_param_shapes(found: Any, expected: Any, where: str, fix: str,
       there = found.get(key, 'missing')
       raise ConfigError(f'{where} does not fit this model: {key} is {there} there but '
                         f'{expected.get(key, "absent")} here; {fix}.')
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained (or imported) with."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'{workdir} has no config.json: not a training workdir nor the output of '
-                      f'python -m alexnet_jax.convert_torchvision.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def write_class_names(workdir: str, names: Sequence[str]) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CLASS_NAMES), 'w') as f:
-      f.writelines(f'{name}\n' for name in names)
-
-
-def read_class_names(workdir: str) -> list[str] | None:
-  """The class names written beside the checkpoints, or None if the workdir has none."""
-  path = os.path.join(workdir, CLASS_NAMES)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return f.read().splitlines()
-
-
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for k, v in tree.items():
-    flat.update(_flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
-  return flat
-
-
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir whose run used another config (see `RESUMABLE`)."""
-  path = os.path.join(workdir, 'config.json')
-  current = _flatten(json.loads(config.to_json_best_effort()))
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = _flatten(json.load(f))
-    changed = sorted(k for k in set(stored) | set(current)
-                     if k not in RESUMABLE and stored.get(k) != current.get(k))
-    if changed and not config.train.allow_config_change:
-      diff = ', '.join(f'{k}: {stored.get(k)!r} -> {current.get(k)!r}' for k in changed[:3])
-      raise ConfigError(
-          f'workdir {workdir} holds a run with a different config ({diff}'
-          f'{", ..." if len(changed) > 3 else ""}); use a fresh --workdir, or pass '
-          f'--config.train.allow_config_change=True to continue it with the new config.')
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records the config of the run (once all checks passed); the next start compares to it."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))

@@ -124,7 +124,8 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
 def write_workdir(params: Mapping[str, Any], outdir: str, config: ml_collections.ConfigDict,
                   class_names: Sequence[str] | None = None) -> None:
   """Writes `params` as step 0 of a run of `config` in `outdir` (see the module docstring)."""
-  from alexnet_jax import checkpoints, optim, train
+  from alexnet_jax import checkpoints, optim, train, workdir as workdir_lib
+  workdir_lib.check_dir(outdir, 'OUTDIR')
   if os.path.isdir(os.path.join(outdir, 'checkpoints')) and os.listdir(
       os.path.join(outdir, 'checkpoints')):
     raise ConfigError(f'{outdir} already holds checkpoints; convert into a new directory.')
@@ -143,9 +144,9 @@ def write_workdir(params: Mapping[str, Any], outdir: str, config: ml_collections
   state = jax.device_get(train.create_train_state(
       model, optim.make_optimizer(config.optimizer), optim.make_plateau(config.optimizer),
       config.dataset.image_size, config.seed, params=dict(params)))
-  checkpoints.write_config(outdir, config)
+  workdir_lib.write_config(outdir, config)
   if class_names is not None:
-    checkpoints.write_class_names(outdir, class_names)
+    workdir_lib.write_class_names(outdir, class_names)
   manager = checkpoints.make_manager(outdir)
   checkpoints.save(manager, 0, state)
   manager.close()

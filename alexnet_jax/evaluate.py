@@ -39,9 +39,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, crops: 
                         step: int | None = None) -> dict[str, float]:
   """Scores checkpoint `step` (None: the newest) of `workdir`; writes eval_<crops>crop.json."""
   import jax
-  from alexnet_jax import checkpoints, input_pipeline, models, train
+  from alexnet_jax import checkpoints, input_pipeline, models, train, workdir as workdir_lib
   from alexnet_jax.parallel import Parallel
 
+  workdir_lib.check_readable(workdir)
   parallel = Parallel(config.parallelism)
   # Ten crops make every example ten images: keep a batch's images near eval_batch_size.
   batch_size = max(config.train.eval_batch_size // crops // parallel.num_devices, 1)

@@ -269,6 +269,15 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, sh
                tuple(features[label_key].names))
 
 
+def steps_per_epoch(split: Split, batch_size: int) -> int:
+  """Full batches of this process's `batch_size` rows in the split (the remainder is dropped)."""
+  if split.num_examples < batch_size:
+    raise ConfigError(f'the training split has {split.num_examples} examples'
+                      f'{" in this process" if split.num_shards > 1 else ""}, fewer than one batch '
+                      f'of {batch_size}; lower --config.train.batch_size.')
+  return split.num_examples // batch_size
+
+
 def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 10_000) -> Iterator[dict[str, Any]]:
   """Endless numpy batches {'image', 'label', 'index'}, epoch after epoch, from `start_step` on.
@@ -277,11 +286,7 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
   dropped); resuming skips the records already consumed before decoding them. `index` is unique
   over the whole run and all processes; it keys the example's augmentation and dropout.
   """
-  steps_per_epoch = split.num_examples // batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f'train.batch_size={batch_size} is larger than the training split '
-                     f'({split.num_examples} examples); lower it.')
-  first_epoch, offset = divmod(start_step, steps_per_epoch)
+  first_epoch, offset = divmod(start_step, steps_per_epoch(split, batch_size))
 
   def epoch(e: int, skip: int) -> tf.data.Dataset:
     epoch_seed = tf.constant([seed, e], tf.int64)

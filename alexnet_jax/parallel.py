@@ -85,6 +85,8 @@ class Parallel:
 
   def check_batch_size(self, global_batch_size: int, what: str = 'train.batch_size') -> None:
     """Fails before any compilation when the global batch does not split evenly."""
+    if global_batch_size <= 0:
+      raise ConfigError(f'{what}={global_batch_size} must be positive.')
     if global_batch_size % self.num_devices:
       raise ConfigError(
           f'{what}={global_batch_size} does not divide evenly over {self.num_devices} devices; '

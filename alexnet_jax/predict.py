@@ -44,14 +44,15 @@ def readable(names: Sequence[str]) -> list[str]:
   return [f'{words[n]} ({n})' if n in words else n for n in names]
 
 
-def predict(workdir: str, paths: Sequence[str], step: int | None = None,
-            top_k: int = 5) -> list[list[tuple[str, float]]]:
-  """For each image, its `top_k` (class name, probability) pairs, most probable first."""
+def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: int = 5
+            ) -> list[list[tuple[str, float]] | str]:
+  """For each image, its `top_k` (class name, probability) pairs, most probable first; or, for
+  an image that cannot be read or decoded, the one-line reason (the others are still scored)."""
   import jax
   import tensorflow as tf
-  from alexnet_jax import checkpoints, input_pipeline, models, train
+  from alexnet_jax import checkpoints, input_pipeline, models, train, workdir as workdir_lib
 
-  config = checkpoints.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   step, params = checkpoints.restore_params(workdir, step)
   num_classes = params['fc8']['bias'].shape[0]
   model = train.make_model(config, num_classes)
@@ -59,29 +60,31 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None,
   checkpoints.check_param_shapes(params, models.abstract_params(model, pre.image_size),
                                  f'checkpoint {step} of {workdir}',
                                  'its config.json does not describe it; retrain or re-convert')
-  names = checkpoints.read_class_names(workdir)
+  names = workdir_lib.read_class_names(workdir)
   if names is None or len(names) != num_classes:
     logging.warning('%s has no class names for its %d classes; printing class indices.', workdir,
                     num_classes)
     names = [f'class {i}' for i in range(num_classes)]
   names = readable(names)
 
-  images = []
-  for path in paths:
+  results: list[list[tuple[str, float]] | str] = []
+  images = {}
+  for i, path in enumerate(paths):
     try:
       with open(path, 'rb') as f:
-        images.append(input_pipeline.eval_image(tf.constant(f.read()), pre).numpy())
+        images[i] = input_pipeline.eval_image(tf.constant(f.read()), pre).numpy()
+      results.append([])
     except OSError as e:
-      raise ConfigError(f'cannot read image {path}: {e.strerror}.') from None
+      results.append(f'cannot read image {path}: {e.strerror}.')
     except tf.errors.InvalidArgumentError:
-      raise ConfigError(f'cannot decode image {path}; pass JPEG, PNG, GIF, BMP or WebP '
-                        f'files.') from None
+      results.append(f'cannot decode image {path}; pass JPEG, PNG, GIF, BMP or WebP files.')
   probs = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x, train=False)))
-  results = []
-  for start in range(0, len(images), 64):
-    for p in np.asarray(probs(params, np.stack(images[start:start + 64]))):
+  good = list(images)
+  for start in range(0, len(good), 64):
+    chunk = good[start:start + 64]
+    for i, p in zip(chunk, np.asarray(probs(params, np.stack([images[i] for i in chunk])))):
       top = np.argsort(-p, kind='stable')[:top_k]
-      results.append([(names[i], float(p[i])) for i in top])
+      results[i] = [(names[j], float(p[j])) for j in top]
   return results
 
 
@@ -95,9 +98,17 @@ def main(argv: Sequence[str]) -> None:
   except ConfigError as e:
     sys.exit(f'error: {e}')
   for path, top in zip(argv[1:], results):
+    if isinstance(top, str):
+      continue
     print(path)
     for name, p in top:
       print(f'  {p:.4f}  {name}')
+  sys.stdout.flush()
+  failures = [r for r in results if isinstance(r, str)]
+  for reason in failures:
+    print(f'error: {reason}', file=sys.stderr)
+  if failures:
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -8,21 +8,21 @@ epoch, feeds the validation top-1 error to the plateau rule, logs, and checkpoin
 from __future__ import annotations
 
 import functools
-import json
-import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
 import tqdm
 
 from alexnet_jax import checkpoints, models, optim
+from alexnet_jax import workdir as workdir_lib
 from alexnet_jax.errors import ConfigError, TrainingStopped
 from alexnet_jax.parallel import AXIS, Parallel
 
@@ -144,63 +144,6 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *,
   return jax.lax.psum(sums, AXIS)
 
 
-class MetricLogger:
-  """Writes metrics to `WORKDIR/metrics.jsonl` (one object a line) and TensorBoard event files.
-
-  On resume from step s, lines past s (written after the checkpoint the run restarts from) are
-  dropped, so the file reads as if the run had never stopped.
-  """
-
-  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
-    self.enabled = enabled
-    if not enabled:
-      return
-    from tensorboardX import SummaryWriter
-    path = os.path.join(workdir, 'metrics.jsonl')
-    lines = []
-    if os.path.exists(path):
-      with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-    with open(path, 'w') as f:
-      f.writelines(lines)
-    self._jsonl = open(path, 'a')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-
-  def write(self, step: int, **scalars: float) -> None:
-    if not self.enabled:
-      return
-    scalars = {k: (v if isinstance(v, int) else float(v)) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, v, step)
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
-class StopSignal:
-  """Within `with`, SIGTERM/SIGINT only set `received`: the loop ends the step and checkpoints."""
-
-  def __init__(self):
-    self.received: int | None = None
-
-  def __enter__(self) -> 'StopSignal':
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    self.received = signum
-
-  def __exit__(self, *exc) -> None:
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-
-
 def evaluate(p_eval_step, params: Any, split: input_pipeline.Split,
              pre: input_pipeline.Preprocess, batch_size: int, parallel: Parallel,
              crops: int = 1) -> dict[str, float]:
@@ -265,11 +208,16 @@ def poison(batches: Iterator[dict[str, np.ndarray]], first_step: int,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last eval."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last eval.
+
+  Every check (config, data, model, `init.checkpoint`) runs before anything is written to
+  `workdir`; then the run takes the workdir's lock for its whole life.
+  """
   from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   parallel = Parallel(config.parallelism)
   check_train_config(config, parallel)
-  checkpoints.check_config(workdir, config)
+  workdir_lib.check_dir(workdir)
+  workdir_lib.check_config(workdir, config)
 
   builder = input_pipeline.get_builder(config.dataset)
   shard = dict(shard=jax.process_index(), num_shards=jax.process_count())
@@ -277,41 +225,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           drop_remainder=True, **shard)
   eval_split = input_pipeline.load_split(builder, config.dataset.eval_split, config.dataset.cache,
                                          **shard)
+  batch_size = parallel.local_batch_size(config.train.batch_size)  # this process's rows
+  steps_per_epoch = input_pipeline.steps_per_epoch(train_split, batch_size)
+  if not eval_split.num_examples:
+    raise ConfigError(f'dataset.eval_split={config.dataset.eval_split!r} has no examples'
+                      f'{" in this process" if jax.process_count() > 1 else ""}; pick a split '
+                      f'that has some.')
   model = make_model(config, num_classes_of(config, train_split))
   pre = input_pipeline.Preprocess.from_config(config.dataset)
   if pre.image_size < models.min_image_size(model):
     raise ConfigError(f'dataset.image_size={pre.image_size} is too small for this model; use at '
                       f'least {models.min_image_size(model)}.')
-
-  checkpoints.write_config(workdir, config)
-  checkpoints.write_class_names(workdir, train_split.class_names)
   tx = optim.make_optimizer(config.optimizer)
   plateau = optim.make_plateau(config.optimizer)
-  state = create_train_state(model, tx, plateau, pre.image_size, config.seed)
-  manager = checkpoints.make_manager(workdir, config.train.checkpoint_max_to_keep)
-  state = jax.device_get(state)
-  restored = checkpoints.restore(manager, state, parallel.replicated_sharding)
-  news = ''
-  if restored is not None:
-    state = parallel.get(restored)
-  elif config.init.checkpoint:  # a fresh start from another run's (or imported) parameters
+  state = jax.device_get(create_train_state(model, tx, plateau, pre.image_size, config.seed))
+  news = []
+  if config.init.checkpoint and not checkpoints.all_steps(workdir):
+    # A fresh start from another run's (or imported) parameters: read and checked before any write.
     params, source_step = init_from_checkpoint(config.init, state.params)
     state = state.replace(params=params)
-    news = '; '.join([f'Initialised from {config.init.checkpoint} (step {source_step})'] +
-                     [f'{what} {", ".join(layers)}' for what, layers in
-                      (('re-initialised', config.init.reinit),
-                       ('frozen', config.optimizer.frozen_layers)) if layers])
-  start_step = int(state.step)
+    news.append('; '.join([f'Initialised from {config.init.checkpoint} (step {source_step})'] +
+                          [f'{what} {", ".join(layers)}' for what, layers in
+                           (('re-initialised', config.init.reinit),
+                            ('frozen', config.optimizer.frozen_layers)) if layers]))
 
-  batch_size = parallel.local_batch_size(config.train.batch_size)  # this process's rows
-  steps_per_epoch = train_split.num_examples // batch_size
+  with workdir_lib.Lock(workdir) as lock:
+    note = lock.acquire()
+    workdir_lib.write_config(workdir, config)
+    workdir_lib.write_class_names(workdir, train_split.class_names)
+    manager = checkpoints.make_manager(workdir, config.train.checkpoint_max_to_keep)
+    try:
+      return _train(config, workdir, parallel, model, tx, plateau, pre, state, train_split,
+                    eval_split, steps_per_epoch, manager, ([note] if note else []) + news)
+    finally:
+      manager.close()
+
+
+def _resume(manager, state: TrainState, parallel: Parallel, workdir: str,
+            say: Callable[[str], None]) -> TrainState:
+  """The newest checkpoint that restores (damaged newer ones set aside), else `state`."""
+  restored, damaged = checkpoints.restore_newest(manager, state, parallel.replicated_sharding, say)
+  if damaged:
+    if jax.process_index() == 0:
+      where = checkpoints.set_aside(manager, workdir, damaged)
+      say(f'Moved damaged checkpoint{"s" if len(damaged) > 1 else ""} '
+          f'{", ".join(map(str, damaged))} to {where}.')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+    manager.reload()
+  return state if restored is None else parallel.get(restored)
+
+
+def _train(config, workdir, parallel, model, tx, plateau, pre, state, train_split, eval_split,
+           steps_per_epoch, manager, news) -> dict[str, float]:
+  from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
+  is_main = jax.process_index() == 0
+  say = tqdm.tqdm.write if is_main else lambda text: None
+  state = _resume(manager, state, parallel, workdir, say)
+  start_step = int(state.step)
+  batch_size = parallel.local_batch_size(config.train.batch_size)
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.num_train_steps > 0:
     total_steps = min(total_steps, config.train.num_train_steps)
   every = config.train.checkpoint_every_steps
 
-  is_main = jax.process_index() == 0
-  logger = MetricLogger(workdir, start_step, enabled=is_main)
+  logger = workdir_lib.MetricLogger(workdir, start_step, enabled=is_main)
   p_train_step = parallel.wrap(functools.partial(train_step, model=model, tx=tx),
                                donate_state=True)
   p_eval_step = parallel.wrap(functools.partial(eval_step, model=model))
@@ -323,21 +301,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, unit='step',
                   dynamic_ncols=True)
-  say = bar.write if is_main else lambda text: None  # tqdm.write prints even when disabled
   if start_step:
     say(f'Resuming from step {start_step} (epoch {start_step / steps_per_epoch:.2f}) in {workdir}')
-  if news:
-    say(news)
+  for line in news:
+    say(line)
   pending: list[dict[str, jax.Array]] = []
   last_eval: dict[str, float] = {}
   tick, tick_step = time.perf_counter(), start_step
-  with StopSignal() as stop:
+  with workdir_lib.StopSignal() as stop:
     for step in range(start_step + 1, total_steps + 1):
       state, metrics = p_train_step(state, next(batches))
+      # Read once: a signal landing later in this step (during a metrics fetch, an evaluation
+      # or a save) is acted on at the next step, never half-way.
+      stopping = stop.received
       pending.append(metrics)  # stays on device until the next log line
       bar.update(1)
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
-      save_now = epoch_end or (every and step % every == 0) or stop.received
+      save_now = epoch_end or (every and step % every == 0) or stopping
       if step % config.train.log_every_steps == 0 or save_now:
         host = parallel.get(pending)
         bad = [step - len(host) + 1 + i for i, m in enumerate(host) if m['nonfinite_steps']]
@@ -368,18 +348,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           lr = float(optim.learning_rate(config.optimizer, host_state.plateau_state))
           logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr, **last_eval)
           say(f'step {step} epoch {step / steps_per_epoch:.2f}: '
-                    f'val top-1 {last_eval["val_top1_error"]:.4f} '
-                    f'top-5 {last_eval["val_top5_error"]:.4f} lr {lr:.3g}')
+              f'val top-1 {last_eval["val_top1_error"]:.4f} '
+              f'top-5 {last_eval["val_top5_error"]:.4f} lr {lr:.3g}')
           state = parallel.put_state(host_state)
         _save(manager, step, parallel.replicated(host_state), last_eval if epoch_end else None)
-      if stop.received:
-        say(f'Stopped by {signal.Signals(stop.received).name} at step {step} (epoch '
-                  f'{step / steps_per_epoch:.2f}); checkpoint saved in {manager.directory}. '
-                  f'Run the same command to resume.')
+      if stopping:  # the save above has returned
+        say(f'Stopped by {signal.Signals(stopping).name} at step {step} (epoch '
+            f'{step / steps_per_epoch:.2f}); checkpoint {step} saved in {manager.directory}. '
+            f'Run the same command to resume.')
         break
   bar.close()
   logger.close()
-  manager.close()
   return last_eval
 
 

@@ -101,7 +101,7 @@ def imported(converted, tmp_path_factory):
 def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   from alexnet_jax import evaluate, input_pipeline
   net, _, images = converted
-  assert checkpoints.read_class_names(imported) == list(CLASSES)
+  assert workdir.read_class_names(imported) == list(CLASSES)
 
   # predict: the eval preprocessing of configs/torchvision.py, then torch's softmax.
   photos = [os.path.join(images, 'val', 'moth', '0.jpeg'), os.path.join(images, 'val', 'apple',
@@ -142,7 +142,7 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   train.train_and_evaluate(config, tuned)
   _, source = checkpoints.restore_params(imported)
   step, params = checkpoints.restore_params(tuned)
-  assert step == 2 and checkpoints.read_class_names(tuned) == list(CLASSES)
+  assert step == 2 and workdir.read_class_names(tuned) == list(CLASSES)
   for layer in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5'):
     for name in ('kernel', 'bias'):
       np.testing.assert_array_equal(params[layer][name], source[layer][name])

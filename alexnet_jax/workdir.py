@@ -1,0 +1,260 @@
+"""What a run directory holds besides checkpoints, and the rules for touching it.
+
+`WORKDIR/lock`          held (flock) by the one run training there; names its host, pid and start.
+`WORKDIR/config.json`   the config of the first start; a later start with a different config is
+                        refused (fields in RESUMABLE may change).
+`WORKDIR/class_names.txt`  the data set's class names, one a line in label order (for `predict`).
+`WORKDIR/metrics.jsonl` and `WORKDIR/tensorboard/`  the metrics (`MetricLogger`).
+
+A run writes nothing here until every check has passed; commands that only read a workdir
+(evaluate, predict, plot, `init.checkpoint`) never create anything in it. Small files are written
+whole or not at all (`write_atomic`), so a kill at any moment leaves either the old or the new one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import signal
+import socket
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from alexnet_jax.errors import ConfigError
+
+# Fields a resumed run may change: run length, logging, paths, and how devices share the work.
+RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
+             'train.num_train_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
+             'train.checkpoint_max_to_keep', 'train.allow_config_change', 'train.on_nonfinite',
+             'train.debug_nan_step', 'train.eval_batch_size')
+CONFIG = 'config.json'
+CLASS_NAMES = 'class_names.txt'
+LOCK = 'lock'
+
+
+def check_dir(workdir: str, flag: str = '--workdir') -> None:
+  """A workdir is a directory or does not exist yet."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'{flag}={workdir} is a file, not a directory; pass a directory.')
+
+
+def check_readable(workdir: str, flag: str = '--workdir') -> None:
+  """A workdir someone wants to read from: an existing directory."""
+  check_dir(workdir, flag)
+  if not os.path.isdir(workdir):
+    raise ConfigError(f'{flag}={workdir} does not exist; pass the directory of a training run '
+                      f'(or of python -m alexnet_jax.convert_torchvision).')
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for k, v in tree.items():
+    flat.update(_flatten(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+  return flat
+
+
+def config_changes(stored: ml_collections.ConfigDict | dict,
+                   current: ml_collections.ConfigDict | dict) -> tuple[list[str], list[str]]:
+  """(fields that differ and may not change on resume, fields that differ but may), each as
+  'field: old -> new'."""
+  as_flat = lambda c: _flatten(json.loads(c.to_json_best_effort()) if isinstance(
+      c, ml_collections.ConfigDict) else c)
+  stored, current = as_flat(stored), as_flat(current)
+  changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+  text = lambda k: f'{k}: {stored.get(k)!r} -> {current.get(k)!r}'
+  return ([text(k) for k in changed if k not in RESUMABLE],
+          [text(k) for k in changed if k in RESUMABLE])
+
+
+def stored_config_dict(workdir: str) -> dict[str, Any] | None:
+  """The stored config.json as a dict, or None if there is none."""
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained (or imported) with."""
+  check_readable(workdir)
+  stored = stored_config_dict(workdir)
+  if stored is None:
+    raise ConfigError(f'{workdir} has no {CONFIG}: not a training workdir nor the output of '
+                      f'python -m alexnet_jax.convert_torchvision.')
+  return ml_collections.ConfigDict(stored)
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir whose run used another config (see `RESUMABLE`)."""
+  stored = stored_config_dict(workdir)
+  if stored is None:
+    return
+  changed, _ = config_changes(stored, config)
+  if changed and not config.train.allow_config_change:
+    raise ConfigError(
+        f'workdir {workdir} holds a run with a different config ({", ".join(changed[:3])}'
+        f'{", ..." if len(changed) > 3 else ""}); use a fresh --workdir, or pass '
+        f'--config.train.allow_config_change=True to continue it with the new config.')
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records the config of the run (once all checks passed); the next start compares to it."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(os.path.join(workdir, CONFIG), config.to_json_best_effort(indent=2))
+
+
+def write_class_names(workdir: str, names: Sequence[str]) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(os.path.join(workdir, CLASS_NAMES), ''.join(f'{name}\n' for name in names))
+
+
+def read_class_names(workdir: str) -> list[str] | None:
+  """The class names written beside the checkpoints, or None if the workdir has none."""
+  path = os.path.join(workdir, CLASS_NAMES)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().splitlines()
+
+
+class Lock:
+  """One live run per workdir: an exclusive `flock` on `WORKDIR/lock` for the run's life.
+
+  The kernel drops the lock when its process dies (even by SIGKILL), so a restart after a crash
+  is never blocked; the file's text (host, pid, start time) names the holder in the refusal, and
+  is cleared on a clean exit, so a start that finds text there took over from a run that died.
+  In multi-host runs process 0 holds it for all. Needs a file system with working `flock` (local
+  disks, NFSv4, Lustre with flock enabled).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK)
+    self._fd: int | None = None
+
+  def acquire(self) -> str | None:
+    """Takes the lock; returns a one-line note if it took over from a run that died, raises
+    ConfigError if a live run holds it."""
+    if jax.process_index() != 0:
+      return None
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 1000).decode(errors='replace').strip() or 'another process'
+      os.close(fd)
+      raise ConfigError(f'workdir {os.path.dirname(self.path)} is in use by {holder} (holder '
+                        f'of {self.path}); wait for that run to end or stop it, or use another '
+                        f'--workdir.') from None
+    previous = os.read(fd, 1000).decode(errors='replace').strip()
+    me = (f'pid {os.getpid()} on {socket.gethostname()} since '
+          f'{datetime.datetime.now().isoformat(sep=" ", timespec="seconds")}')
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me.encode() + b'\n', 0)
+    os.fsync(fd)
+    self._fd = fd
+    return f'Took over {self.path} from {previous}, which ended without releasing it.' if (
+        previous) else None
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
+
+  def __enter__(self) -> 'Lock':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class MetricLogger:
+  """Writes metrics to `WORKDIR/metrics.jsonl` (one object a line) and TensorBoard event files.
+
+  On resume from step s, lines past s (written after the checkpoint the run restarts from) are
+  dropped, and the first event of this run's TensorBoard file purges every older event past s,
+  so both read as if the run had never stopped. TensorBoard gets one value per tag and step (an
+  evaluation line repeats `epoch` and `learning_rate` of the train line at its step: the first
+  one is kept). The event file is created at the first write, so a start that logs nothing
+  leaves none.
+  """
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self._workdir, self._resume_step = workdir, resume_step
+    path = os.path.join(workdir, 'metrics.jsonl')
+    lines = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            if json.loads(line)['step'] <= resume_step:
+              lines.append(line)
+          except (ValueError, KeyError):  # the half-written last line of a killed run
+            break
+    write_atomic(path, ''.join(lines))
+    self._jsonl = open(path, 'a')
+    self._tb = None
+    self._tb_last: dict[str, int] = {}
+
+  def write(self, step: int, **scalars: float) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: (v if isinstance(v, int) else float(v)) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
+    if self._tb is None:
+      from tensorboardX import SummaryWriter
+      # Purges the events of any earlier start past the resumed step (older files included).
+      self._tb = SummaryWriter(os.path.join(self._workdir, 'tensorboard'),
+                               purge_step=self._resume_step + 1)
+    for k, v in scalars.items():
+      if self._tb_last.get(k) != step:
+        self._tb.add_scalar(k, v, step)
+        self._tb_last[k] = step
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class StopSignal:
+  """Within `with`, SIGTERM/SIGINT only set `received`: the loop ends the step and checkpoints."""
+
+  def __init__(self):
+    self.received: int | None = None
+
+  def __enter__(self) -> 'StopSignal':
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
