@@ -185,9 +185,9 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
                                         partial_restore=True))
     except Exception as e:  # a damaged checkpoint: say which, and what else there is
       _drop_orbax_leftovers()
-      others = sorted(set(steps) - {step})
+      others = ', '.join(map(str, sorted(set(steps) - {step})))
       raise ConfigError(f'checkpoint {step} of {workdir} cannot be read ({reason(e)}); '
-                        f'{f"pick another step ({', '.join(map(str, others))})" if others else "it has no other"}.'
+                        f'{f"pick another step ({others})" if others else "it has no other"}.'
                         ) from None
   finally:
     manager.close()

@@ -17,6 +17,8 @@ matplotlib.use('Agg')  # files only; no display on training machines
 import matplotlib.figure  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
+from alexnet_jax.errors import ConfigError  # noqa: E402
+
 
 @dataclasses.dataclass
 class Run:
@@ -42,7 +44,7 @@ def read_run(workdir: str) -> Run:
   repeats the steps after it) keeps its newest line."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist; pass the --workdir of a training run.')
+    raise ConfigError(f'{path} does not exist; pass the --workdir of a training run.')
   train: dict[int, dict[str, float]] = {}
   evals: dict[int, dict[str, float]] = {}
   with open(path) as f:

@@ -22,6 +22,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = flags.FLAGS(argv)
     _check_config_file()
     return rest
+  except OSError:  # a --config.x override of a --config file that failed to load
+    paths = [arg.split('=', 1)[1] for arg in argv if arg.startswith('--config=')]
+    if paths and not os.path.isfile(paths[-1]):
+      _missing_config(paths[-1])
+    raise
   except SyntaxError as e:  # raised while the --config file is imported
     sys.exit(f'error: --config file {e.filename}, line {e.lineno}: {e.msg}; fix that file.')
   except flags.Error as e:
@@ -42,10 +47,14 @@ def _check_config_file() -> None:
   from ml_collections import config_flags
   path = config_flags.get_config_filename(flags.FLAGS['config'])
   if not os.path.isfile(path):
-    sys.exit(f'error: --config={path} is not a file; pass a config such as configs/default.py.')
+    _missing_config(path)
   try:
     flags.FLAGS['config'].value.get('seed')  # a config that failed to load raises here
   except Exception as e:  # the file's own error, whatever it is
     cause = e.__cause__ or e
     lines = str(cause).strip().splitlines() or [type(cause).__name__]
     sys.exit(f'error: --config={path} cannot be loaded ({type(cause).__name__}: {lines[-1]}).')
+
+
+def _missing_config(path: str) -> None:
+  sys.exit(f'error: --config={path} is not a file; pass a config such as configs/default.py.')

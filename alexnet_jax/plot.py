@@ -8,11 +8,13 @@ triangles) against epochs, from each DIR/metrics.jsonl, all runs overlaid. Write
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 from absl import app, flags
 
 from alexnet_jax import curves
+from alexnet_jax.errors import ConfigError, parse_flags
 
 _WORKDIR = flags.DEFINE_multi_string('workdir', None, 'Run directories (repeat the flag, or list '
                                      'more directories after the first).')
@@ -22,11 +24,14 @@ flags.mark_flags_as_required(['workdir'])
 
 def main(argv: Sequence[str]) -> None:
   workdirs = _WORKDIR.value + list(argv[1:])
-  runs = [curves.read_run(w) for w in workdirs]
+  try:
+    runs = [curves.read_run(w) for w in workdirs]
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
   out = _OUT.value or os.path.join(workdirs[0], 'curves.png')
   curves.save(curves.plot_runs(runs), out)
   print(f'wrote {out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

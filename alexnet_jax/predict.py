@@ -52,7 +52,7 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: 
   import tensorflow as tf
   from alexnet_jax import checkpoints, input_pipeline, models, train, workdir as workdir_lib
 
-  config = workdir_lib.read_config(workdir)
+  config = workdir_lib.read_config(workdir, '--checkpoint')
   step, params = checkpoints.restore_params(workdir, step)
   num_classes = params['fc8']['bias'].shape[0]
   model = train.make_model(config, num_classes)

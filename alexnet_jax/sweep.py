@@ -11,12 +11,14 @@ finished.
 from __future__ import annotations
 
 import shlex
+import sys
 from typing import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from alexnet_jax import trials
+from alexnet_jax.errors import ConfigError, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -34,17 +36,20 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   base_overrides = config_flags.get_override_values(flags.FLAGS['config'])
-  trial_list = trials.expand(trials.load_sweep(_SWEEP.value), _SEEDS.value, _CONFIG.value.seed)
-  trials.check_keys(_CONFIG.value, trial_list)
-  if _DRY_RUN.value:
-    for trial in trial_list:
-      print(shlex.join(trials.command(trial, config_path, _WORKDIR.value, base_overrides)))
-    return
-  results = trials.run_sweep(trial_list, config_path, _WORKDIR.value, _PARALLEL.value,
-                             base_overrides)
+  try:
+    trial_list = trials.expand(trials.load_sweep(_SWEEP.value), _SEEDS.value, _CONFIG.value.seed)
+    trials.check_keys(_CONFIG.value, trial_list)
+    if _DRY_RUN.value:
+      for trial in trial_list:
+        print(shlex.join(trials.command(trial, config_path, _WORKDIR.value, base_overrides)))
+      return
+    results = trials.run_sweep(trial_list, config_path, _WORKDIR.value, _PARALLEL.value,
+                               base_overrides)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
   if any(r.status != 'done' for r in results):
     raise SystemExit(1)  # the report is written; the status tells scripts that not all finished
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -27,9 +27,13 @@ import sys
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from alexnet_jax import curves
+from alexnet_jax import workdir as workdir_lib
+from alexnet_jax.errors import ConfigError
 
 Overrides = dict[str, Any]
 
@@ -54,7 +58,7 @@ def zip(axes: Mapping[str, Sequence[Any]]) -> list[Overrides]:  # pylint: disabl
   [{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]."""
   lengths = {k: len(v) for k, v in axes.items()}
   if len(set(lengths.values())) > 1:
-    raise ValueError(f'zip() needs lists of equal length, got {lengths}.')
+    raise ConfigError(f'zip() needs lists of equal length, got {lengths}.')
   return [dict(builtins.zip(axes, values)) for values in builtins.zip(*axes.values())]
 
 
@@ -62,11 +66,11 @@ def load_sweep(path: str) -> list[Overrides]:
   """Calls `get_sweep()` of the Python file at `path`."""
   spec = importlib.util.spec_from_file_location('sweep_file', path)
   if spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f'--sweep={path} is not a file; pass a configs/sweeps/*.py file.')
+    raise ConfigError(f'--sweep={path} is not a file; pass a configs/sweeps/*.py file.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_sweep'):
-    raise ValueError(f'{path} defines no get_sweep(); it must return a list of override dicts.')
+    raise ConfigError(f'{path} defines no get_sweep(); it must return a list of override dicts.')
   return list(module.get_sweep())
 
 
@@ -91,7 +95,7 @@ class Trial:
 def expand(sweep: Sequence[Overrides], seeds: int = 1, first_seed: int = 0) -> list[Trial]:
   """One trial per override dict, or `seeds` trials (seed = first_seed + i) per dict if > 1."""
   if seeds < 1:
-    raise ValueError(f'--seeds={seeds}; it must be at least 1.')
+    raise ConfigError(f'--seeds={seeds}; it must be at least 1.')
   trials = []
   for overrides in sweep:
     group = trial_name(overrides)
@@ -99,12 +103,12 @@ def expand(sweep: Sequence[Overrides], seeds: int = 1, first_seed: int = 0) -> l
       trials.append(Trial(dict(overrides), group))
       continue
     if 'seed' in overrides:
-      raise ValueError(f'trial {group} sets seed itself; drop --seeds or the seed override.')
+      raise ConfigError(f'trial {group} sets seed itself; drop --seeds or the seed override.')
     trials.extend(Trial({**overrides, 'seed': first_seed + i}, group) for i in range(seeds))
   names = [t.name for t in trials]
   duplicates = sorted({n for n in names if names.count(n) > 1})
   if duplicates:
-    raise ValueError(f'the sweep lists the same trial more than once: {", ".join(duplicates)}.')
+    raise ConfigError(f'the sweep lists the same trial more than once: {", ".join(duplicates)}.')
   return trials
 
 
@@ -115,20 +119,59 @@ def check_keys(config: ml_collections.ConfigDict, trials: Sequence[Trial]) -> No
       node = config
       for part in key.split('.'):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-          raise ValueError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
+          raise ConfigError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
                            'file (fields are dotted paths such as model.lrn).')
         node = node[part]
 
 
+def _override_args(trial: Trial, base_overrides: Mapping[str, Any]) -> list[str]:
+  """The sweep's own --config.x=y overrides first, then the trial's."""
+  return [f'--config.{k}={v}' for k, v in [*base_overrides.items(), *trial.overrides.items()]]
+
+
 def command(trial: Trial, config_path: str, workdir: str,
             base_overrides: Mapping[str, Any] = {}) -> list[str]:
-  """The `python -m alexnet_jax.main` command line of one trial (the sweep's own --config.x=y
-  overrides first, then the trial's)."""
-  args = ['python', '-m', 'alexnet_jax.main', f'--config={config_path}',
-          f'--workdir={os.path.join(workdir, trial.name)}']
-  args += [f'--config.{k}={v}' for k, v in base_overrides.items()]
-  args += [f'--config.{k}={v}' for k, v in trial.overrides.items()]
-  return args
+  """The `python -m alexnet_jax.main` command line of one trial."""
+  return ['python', '-m', 'alexnet_jax.main', f'--config={config_path}',
+          f'--workdir={os.path.join(workdir, trial.name)}', *_override_args(trial, base_overrides)]
+
+
+def trial_config(trial: Trial, config_path: str,
+                 base_overrides: Mapping[str, Any] = {}) -> ml_collections.ConfigDict:
+  """The config the trial's `main` process runs: its command line, parsed as main parses it."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True)
+  values(['main', f'--config={config_path}', *_override_args(trial, base_overrides)])
+  return values.config
+
+
+def check_stored_configs(trials: Sequence[Trial], config_path: str, workdir: str,
+                         base_overrides: Mapping[str, Any] = {}) -> list[Trial]:
+  """Compares each trial's stored config.json with what the sweep would run now.
+
+  A difference in a field a run may not change (workdir.RESUMABLE) is a ConfigError naming the
+  trials: their results answer another question. Trials marked done whose resumable fields
+  changed (e.g. more epochs) lose the mark, so they resume; those are returned.
+  """
+  stale, reopened = [], []
+  for trial in trials:
+    stored = workdir_lib.stored_config_dict(os.path.join(workdir, trial.name))
+    if stored is None:
+      continue
+    changed, resumable = workdir_lib.config_changes(
+        stored, trial_config(trial, config_path, base_overrides))
+    if changed:
+      stale.append(f'{trial.name} ({", ".join(changed[:2])}{", ..." if len(changed) > 2 else ""})')
+    elif resumable and os.path.exists(_done_path(workdir, trial)):
+      reopened.append(trial)
+  if stale:
+    raise ConfigError(
+        f'{len(stale)} trial{"s" if len(stale) > 1 else ""} in {workdir} ran with another config '
+        f'than this sweep gives them: {stale[0]}{f" and {len(stale) - 1} more" if len(stale) > 1 else ""}'
+        f'; use a fresh --workdir, or move those trial directories away to run them anew.')
+  for trial in reopened:
+    os.remove(_done_path(workdir, trial))
+  return reopened
 
 
 _ERROR_LINE = re.compile(r'^(?:[\w.]*(?:Error|Exception|Exit)\b|FATAL\b|error:)')
@@ -353,7 +396,11 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   """Runs every unfinished trial, `parallel` at a time, then writes the report. Finished trials
   (a `done` file) are skipped; unfinished or failed ones resume from their checkpoints."""
   if parallel < 1:
-    raise ValueError(f'--parallel={parallel}; it must be at least 1.')
+    raise ConfigError(f'--parallel={parallel}; it must be at least 1.')
+  reopened = check_stored_configs(trials, config_path, workdir, base_overrides)
+  if reopened:
+    log(f'{len(reopened)} finished trial{"s" if len(reopened) > 1 else ""} resume with the '
+        f'changed run length or logging fields: {", ".join(t.name for t in reopened)}')
   os.makedirs(workdir, exist_ok=True)
   todo = [t for t in trials if not os.path.exists(_done_path(workdir, t))]
   log(f'{len(trials) - len(todo)} of {len(trials)} trials already finished; running {len(todo)}, '

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import time
 from typing import Any, Sequence
 
 import jax
@@ -89,9 +90,9 @@ def stored_config_dict(workdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained (or imported) with."""
-  check_readable(workdir)
+def read_config(workdir: str, flag: str = '--workdir') -> ml_collections.ConfigDict:
+  """The config a workdir was trained (or imported) with (`flag`: how the CLI names it)."""
+  check_readable(workdir, flag)
   stored = stored_config_dict(workdir)
   if stored is None:
     raise ConfigError(f'{workdir} has no {CONFIG}: not a training workdir nor the output of '
@@ -226,8 +227,11 @@ class MetricLogger:
     if self._tb is None:
       from tensorboardX import SummaryWriter
       # Purges the events of any earlier start past the resumed step (older files included).
+      # The suffix keeps two starts within one second apart, in start order (TensorBoard reads
+      # the files sorted by name).
       self._tb = SummaryWriter(os.path.join(self._workdir, 'tensorboard'),
-                               purge_step=self._resume_step + 1)
+                               purge_step=self._resume_step + 1,
+                               filename_suffix=f'.{time.time_ns()}')
     for k, v in scalars.items():
       if self._tb_last.get(k) != step:
         self._tb.add_scalar(k, v, step)

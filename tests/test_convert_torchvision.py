@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fake_data
-from alexnet_jax import checkpoints, convert_torchvision, models, train
+from alexnet_jax import checkpoints, convert_torchvision, models, train, workdir
 from conftest import REPO, tiny_config
 
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
@@ -106,7 +106,17 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   # predict: the eval preprocessing of configs/torchvision.py, then torch's softmax.
   photos = [os.path.join(images, 'val', 'moth', '0.jpeg'), os.path.join(images, 'val', 'apple',
                                                                           '2.png')]
-  out = cli('predict', f'--checkpoint={imported}', '--top_k=3', *photos).splitlines()
+  broken = tmp_path / 'broken.jpg'
+  broken.write_bytes(b'not a jpeg')
+  # One file that does not decode: every other image is still scored, then one line each.
+  run = subprocess.run([sys.executable, '-m', 'alexnet_jax.predict', f'--checkpoint={imported}',
+                        '--top_k=3', photos[0], str(broken), photos[1]], cwd=REPO,
+                       capture_output=True, text=True)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == (
+      f'error: cannot decode image {broken}; pass JPEG, PNG, GIF, BMP or WebP files.')
+  assert 'Traceback' not in run.stderr
+  out = run.stdout.splitlines()
   pre = input_pipeline.Preprocess.from_config(torchvision_config().dataset)
   for i, photo in enumerate(photos):
     image = input_pipeline.eval_image(open(photo, 'rb').read(), pre).numpy()

@@ -53,6 +53,28 @@ def steps(workdir):
   return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
+def jsonl_scalars(workdir):
+  """{tag: [(step, value as float32)]} from metrics.jsonl, the first value of a tag at a step."""
+  scalars = {}
+  for line in metrics(workdir):
+    for tag, value in line.items():
+      if tag != 'step' and line['step'] not in [s for s, _ in scalars.get(tag, [])]:
+        scalars.setdefault(tag, []).append((line['step'], float(np.float32(value))))
+  return scalars
+
+
+def tensorboard_scalars(workdir):
+  """What TensorBoard shows: every event file of the run, purges applied."""
+  from tensorboard.backend.event_processing import event_accumulator
+  files = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert all(os.path.getsize(os.path.join(workdir, 'tensorboard', f)) > 100 for f in files)
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'),
+                                              purge_orphaned_data=True)
+  events.Reload()
+  return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+          for tag in events.Tags()['scalars'] if tag != 'images_per_second'}
+
+
 def assert_same_tree(a, b):
   import jax
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
@@ -84,7 +106,10 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, digits_dir, reference):
   out = run(tmp_path, digits_dir, '--config.train.num_train_steps=26')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'Resuming from step' in out.stdout + out.stderr, (killed_at, out.stderr[-2000:])
+  assert f'Took over {tmp_path / "lock"} from pid {proc.pid} ' in out.stdout + out.stderr
   assert metrics(tmp_path) == metrics(reference), f'killed after step {killed_at}'
+  assert tensorboard_scalars(tmp_path) == jsonl_scalars(tmp_path)
+  assert (tmp_path / 'lock').read_text() == ''  # released
   step, restored = checkpoint(tmp_path)
   ref_step, ref = checkpoint(reference)
   assert step == ref_step == 26
@@ -109,10 +134,118 @@ def test_sigterm_checkpoints_and_exits_0(tmp_path, digits_dir):
   stopped = [l for l in output.splitlines() if 'Stopped by SIGTERM at step' in l]
   assert stopped, output[-3000:]
   step = int(stopped[0].split('at step ')[1].split()[0])
+  assert f'checkpoint {step} saved' in stopped[0]
   assert steps(tmp_path)[-1] == step
   out = run(tmp_path, digits_dir, f'--config.train.num_train_steps={step + 2}')
   assert out.returncode == 0, out.stderr[-3000:]
   assert f'Resuming from step {step}' in out.stdout + out.stderr
+
+
+def test_signal_during_the_metrics_fetch_is_saved_before_it_is_reported(config, tmp_path,
+                                                                        monkeypatch, capsys):
+  """The loop blocks on the device at every log step; a signal landing in that wait is acted on
+  at the next step: checkpoint first, then the message."""
+  from alexnet_jax import checkpoints, parallel, train
+  config.train.num_train_steps = 6  # 89 steps an epoch: no epoch end, no periodic checkpoint
+  real_get, sent = parallel.Parallel.get, []
+
+  def get_after_a_signal(self, tree):
+    if isinstance(tree, list) and not sent:  # step 2's metrics fetch
+      sent.append(os.kill(os.getpid(), signal.SIGTERM))
+    return real_get(self, tree)
+
+  monkeypatch.setattr(parallel.Parallel, 'get', get_after_a_signal)
+  train.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert sent
+  assert (f'Stopped by SIGTERM at step 3 (epoch 0.03); checkpoint 3 saved in '
+          f'{tmp_path / "checkpoints"}. Run the same command to resume.') in out, out
+  assert checkpoints.all_steps(str(tmp_path)) == [3]
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(tmp_path))
+  assert 'Resuming from step 3' in capsys.readouterr().out
+  assert checkpoints.all_steps(str(tmp_path)) == [3, 6]
+
+
+def largest_file(directory):
+  files = [p for p in directory.rglob('*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def sizes(directory):
+  return {str(p): p.stat().st_size for p in directory.rglob('*') if p.is_file()}
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path, digits_dir,
+                                                                    reference):
+  shutil.copytree(reference, tmp_path, dirs_exist_ok=True)  # a run stopped at step 26
+  damaged = largest_file(tmp_path / 'checkpoints' / '26')
+  cut = damaged.stat().st_size // 2
+  os.truncate(damaged, cut)  # a copy cut short, a bad disk
+  out = run(tmp_path, digits_dir, '--config.train.num_train_steps=26')
+  assert out.returncode == 0, out.stderr[-3000:]
+  said = out.stdout + out.stderr
+  assert f'checkpoint 26 in {tmp_path / "checkpoints"} cannot be restored (' in said
+  assert f'Moved damaged checkpoint 26 to {tmp_path / "damaged_checkpoints"}.' in said
+  assert 'Resuming from step 24' in said and 'Traceback' not in said, said[-3000:]
+  moved = tmp_path / 'damaged_checkpoints' / '26' / damaged.relative_to(
+      tmp_path / 'checkpoints' / '26')
+  assert moved.stat().st_size == cut  # kept as it was found
+  assert metrics(tmp_path) == metrics(reference)  # steps 25-26 trained again, identically
+  assert_same_tree(checkpoint(tmp_path)[1], checkpoint(reference)[1])
+
+
+def test_no_restorable_checkpoint_is_one_line_and_touches_none(tmp_path, digits_dir, reference):
+  shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+  for step in steps(tmp_path):
+    damaged = largest_file(tmp_path / 'checkpoints' / str(step))
+    os.truncate(damaged, 1000)
+  before = sizes(tmp_path / 'checkpoints')
+  out = run(tmp_path, digits_dir, '--config.train.num_train_steps=30')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f'error: none of the checkpoints in {tmp_path / "checkpoints"} can be restored (steps '
+      f'{", ".join(map(str, steps(reference)))}; step 26: ')
+  assert out.stderr.strip().endswith('to start over, use a fresh --workdir or move that '
+                                     'checkpoints directory away.')
+  assert 'Traceback' not in out.stderr
+  assert sizes(tmp_path / 'checkpoints') == before
+
+
+def test_one_run_per_workdir(digits_dir, reference):
+  from alexnet_jax import workdir
+  before = sizes(reference / 'checkpoints')
+  with workdir.Lock(str(reference)) as held:
+    held.acquire()
+    holder = (reference / 'lock').read_text().strip()
+    out = run(reference, digits_dir, '--config.train.num_train_steps=30')
+  assert holder.startswith(f'pid {os.getpid()} on ')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      f'error: workdir {reference} is in use by {holder} (holder of {reference / "lock"}); wait '
+      f'for that run to end or stop it, or use another --workdir.')
+  assert sizes(reference / 'checkpoints') == before
+
+
+def test_failed_start_writes_nothing_and_reads_create_nothing(tmp_path, digits_dir, reference):
+  fresh, typo = tmp_path / 'fresh', tmp_path / 'typo'
+  out = run(fresh, digits_dir, f'--config.init.checkpoint={reference}', '--config.model.groups=1')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"error: init.checkpoint='{reference}' (step 26) does not fit this model: conv2.kernel")
+  out = run(fresh, digits_dir, f'--config.init.checkpoint={typo}')
+  assert out.stderr.strip().splitlines()[-1].startswith(f'error: {typo} has no checkpoints')
+  for args in (['evaluate', '--config=configs/default.py', f'--workdir={typo}'],
+               ['predict', f'--checkpoint={typo}', 'photo.jpg']):
+    out = subprocess.run([sys.executable, '-m', f'alexnet_jax.{args[0]}', *args[1:]], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f'error: {args[-2 if args[0] == "predict" else -1]} does not exist; pass the directory '
+        f'of a training run (or of python -m alexnet_jax.convert_torchvision).']
+  assert not fresh.exists() and not typo.exists()
+  # The corrected command is not refused as "a different config": nothing was recorded.
+  assert not os.path.exists(fresh / 'config.json')
 
 
 def test_nonfinite_stop_names_step_and_checkpoint(tmp_path, digits_dir):
@@ -151,15 +284,40 @@ EIGHT = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
     (['--config.model.lrn=False'],
      'holds a run with a different config (model.lrn: True -> False)'),
     (['--config.train.on_nonfinite=ignore'], "train.on_nonfinite='ignore' is unknown"),
+    (['--config.train.batch_size=0'], 'train.batch_size=0 must be positive.'),
+    (['--config=configs/nope.py'],
+     '--config=configs/nope.py is not a file; pass a config such as configs/default.py.'),
 ])
 def test_bad_input_is_one_line_and_leaves_checkpoints(digits_dir, reference, overrides, message):
   before = steps(reference)
   out = run(reference, digits_dir, '--config.train.num_train_steps=30', *overrides, env=EIGHT)
-  assert out.returncode != 0
+  assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith('error: '), out.stderr[-2000:]
   assert message in out.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in out.stderr
   assert steps(reference) == before
   assert checkpoint(reference)[0] == 26
+
+
+def test_split_smaller_than_a_batch_is_one_line(tmp_path, digits_dir):
+  import fake_data
+  fake_data.write_image_folder(str(tmp_path / 'images'))  # 30 training images
+  out = run(tmp_path / 'run', digits_dir, '--config.dataset.name=folder',
+            f'--config.dataset.path={tmp_path / "images"}',
+            f'--config.dataset.data_dir={tmp_path / "tfds"}')
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      'error: the training split has 30 examples, fewer than one batch of 64; lower '
+      '--config.train.batch_size.')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path, digits_dir):
+  (tmp_path / 'run').write_text('')
+  out = run(tmp_path / 'run', digits_dir)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      f'error: --workdir={tmp_path / "run"} is a file, not a directory; pass a directory.']
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, digits_dir, reference):
@@ -172,4 +330,5 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, digits_dir, reference):
   assert out.returncode != 0
   assert 'error: could not write checkpoint 28' in out.stderr, out.stderr[-2000:]
   assert 'the previous checkpoint (step 26) is intact' in out.stderr
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
   assert checkpoint(tmp_path)[0] == 26

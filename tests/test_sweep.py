@@ -126,18 +126,31 @@ def test_sweep_runs_reports_failures_and_resumes(tmp_path, digits_dir):
   assert (workdir / 'sweep.png').stat().st_size > 0
 
   # Run again after killing one trial mid-way (no `done` file) and losing another entirely; a
-  # longer cap: the killed trial resumes from its checkpoint, the lost one starts over.
-  killed, lost = workdir / GOOD[0], workdir / GOOD[1]
+  # longer cap: the killed trial resumes from its checkpoint, the lost one starts over, and the
+  # finished one is no longer finished for this sweep: it resumes too.
+  killed, lost, finished = workdir / GOOD[0], workdir / GOOD[1], workdir / GOOD[2]
   os.remove(killed / 'done')
   shutil.rmtree(lost)
-  untouched = (workdir / GOOD[2] / 'metrics.jsonl').read_text()
   again = sweep_cli(tmp_path, digits_dir, '--parallel=2', '--config.train.num_train_steps=3')
   assert again.returncode == 1, again.stderr[-3000:]
-  assert '1 of 4 trials already finished; running 3' in again.stdout
+  assert f'1 finished trial resume with the changed run length or logging fields: {GOOD[2]}' in (
+      again.stdout)
+  assert '0 of 4 trials already finished; running 4' in again.stdout
   assert 'Resuming from step 2' in (killed / 'log.txt').read_text()
-  assert eval_steps(killed) == [2, 3]
+  assert eval_steps(killed) == eval_steps(finished) == [2, 3]
   assert eval_steps(lost) == [3]
-  assert (workdir / GOOD[2] / 'metrics.jsonl').read_text() == untouched  # skipped
   with open(workdir / 'results.csv') as f:
     statuses = {r['trial']: r['status'] for r in csv.DictReader(f)}
   assert statuses == {**{n: 'done' for n in GOOD}, BROKEN: 'failed'}
+
+  # The same sweep with another momentum: every finished trial answered another question.
+  report = (workdir / 'results.md').read_text()
+  stale = sweep_cli(tmp_path, digits_dir, '--config.train.num_train_steps=3',
+                    '--config.optimizer.momentum=0.5')
+  assert stale.returncode == 1
+  assert stale.stderr.strip().splitlines() == [
+      f'error: 3 trials in {workdir} ran with another config than this sweep gives them: '
+      f'{GOOD[0]} (optimizer.momentum: 0.9 -> 0.5) and 2 more; use a fresh --workdir, or move '
+      f'those trial directories away to run them anew.']
+  assert (workdir / 'results.md').read_text() == report  # nothing run, nothing rewritten
+  assert all((workdir / name / 'done').exists() for name in GOOD)

@@ -1,0 +1,93 @@
+"""The run directory: one live run per workdir, atomic small files, metrics that match TensorBoard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from alexnet_jax import workdir
+from alexnet_jax.errors import ConfigError
+from conftest import REPO
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+  with workdir.Lock(str(tmp_path)) as held:
+    assert held.acquire() is None  # a fresh workdir: nobody to take over from
+    me = (tmp_path / 'lock').read_text()
+    assert me.startswith(f'pid {os.getpid()} on ')
+    # Another process (flock is per open file, so a second Lock in this process would do too).
+    out = subprocess.run(
+        [sys.executable, '-c', f'from alexnet_jax import workdir; '
+         f'workdir.Lock({str(tmp_path)!r}).acquire()'],
+        cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert (f'alexnet_jax.errors.ConfigError: workdir {tmp_path} is in use by {me.strip()} '
+            f'(holder of {tmp_path / "lock"}); wait for that run to end or stop it, or use another '
+            f'--workdir.') in out.stderr
+  assert (tmp_path / 'lock').read_text() == ''  # released cleanly: the next start takes no note
+
+  # A holder killed with SIGKILL never releases: the kernel drops its flock, its text stays.
+  dead = subprocess.Popen(
+      [sys.executable, '-c', 'import os, signal; from alexnet_jax import workdir; '
+       f'workdir.Lock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)'],
+      cwd=REPO)
+  assert dead.wait() == -signal.SIGKILL
+  with workdir.Lock(str(tmp_path)) as lock:
+    note = lock.acquire()
+  assert note.startswith(f'Took over {tmp_path / "lock"} from pid {dead.pid} on ')
+  assert note.endswith(', which ended without releasing it.')
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / 'run'
+  path.write_text('')
+  with pytest.raises(ConfigError, match=f'--workdir={path} is a file, not a directory'):
+    workdir.check_dir(str(path))
+  with pytest.raises(ConfigError, match=f'--workdir={tmp_path / "nope"} does not exist'):
+    workdir.read_config(str(tmp_path / 'nope'))
+  assert not (tmp_path / 'nope').exists()
+
+
+def test_config_changes_split_resumable_fields():
+  old = ml_collections.ConfigDict({'train': {'num_epochs': 2, 'batch_size': 8}, 'seed': 0})
+  new = ml_collections.ConfigDict({'train': {'num_epochs': 3, 'batch_size': 8}, 'seed': 1})
+  assert workdir.config_changes(old, new) == (['seed: 0 -> 1'], ['train.num_epochs: 2 -> 3'])
+  assert workdir.config_changes(old, old) == ([], [])
+
+
+def test_metric_logger_purges_resumed_steps_and_writes_one_value_per_tag_and_step(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  logger = workdir.MetricLogger(str(tmp_path), resume_step=0)
+  for step in (1, 2, 3):
+    logger.write(step, epoch=step / 2, train_loss=10.0 + step)
+    if step == 2:  # an epoch end: the evaluation line repeats `epoch` at the same step
+      logger.write(step, epoch=1.0, val_top1_error=0.5)
+  logger.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "train_lo')  # the half-written line of a killed run
+
+  assert workdir.MetricLogger(str(tmp_path), resume_step=2).close() is None  # logs nothing
+  assert len(os.listdir(tmp_path / 'tensorboard')) == 1  # ... and leaves no event file
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 2, 2]
+
+  resumed = workdir.MetricLogger(str(tmp_path), resume_step=2)  # steps 3, 4 are gone
+  resumed.write(3, epoch=1.5, train_loss=20.0)
+  resumed.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train_loss')] == [
+      (1, 11.0), (2, 12.0), (3, 20.0)]
+  assert [(e.step, e.value) for e in events.Scalars('epoch')] == [(1, 0.5), (2, 1.0), (3, 1.5)]
+  assert [(e.step, e.value) for e in events.Scalars('val_top1_error')] == [(2, 0.5)]
+
+
+def test_write_atomic_replaces_whole(tmp_path):
+  path = str(tmp_path / 'config.json')
+  workdir.write_atomic(path, 'old')
+  workdir.write_atomic(path, 'new')
+  assert open(path).read() == 'new'
+  assert os.listdir(tmp_path) == ['config.json']  # no temporary file left
