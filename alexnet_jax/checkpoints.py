@@ -59,9 +59,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
   """Writes `state` (global arrays, see Parallel.replicated) as checkpoint `step`; every
   process calls it, orbax coordinates who writes what."""
-  with quiet():  # a failure is raised to the caller, who says it in one line
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
-    manager.wait_until_finished()
+  try:
+    with quiet():  # a failure is raised to the caller, who says it in one line
+      manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+      manager.wait_until_finished()
+  except Exception:
+    _drop_orbax_leftovers()
+    raise
 
 
 def restore(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,

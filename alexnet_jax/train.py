@@ -367,8 +367,7 @@ def _save(manager, step: int, state: TrainState, metrics: dict[str, float] | Non
     checkpoints.save(manager, step, state, metrics)
   except Exception as e:  # OSError, or tensorstore's ValueError naming the os error
     last = manager.latest_step()
-    reason = str(e).strip().splitlines()[-1][-200:]
     raise TrainingStopped(
-        f'could not write checkpoint {step} to {manager.directory} ({reason}); the previous '
-        f'checkpoint ({f"step {last}" if last is not None else "none"}) is intact. Free disk '
-        f'space and run the same command to resume.') from e
+        f'could not write checkpoint {step} to {manager.directory} ({checkpoints.reason(e)}); '
+        f'the previous checkpoint ({f"step {last}" if last is not None else "none"}) is intact. '
+        f'Free disk space and run the same command to resume.') from e

@@ -139,9 +139,11 @@ def command(trial: Trial, config_path: str, workdir: str,
 def trial_config(trial: Trial, config_path: str,
                  base_overrides: Mapping[str, Any] = {}) -> ml_collections.ConfigDict:
   """The config the trial's `main` process runs: its command line, parsed as main parses it."""
+  argv = ['main', f'--config={config_path}', *_override_args(trial, base_overrides)]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True)
-  values(['main', f'--config={config_path}', *_override_args(trial, base_overrides)])
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values, lock_config=True,
+                                  sys_argv=argv)  # the override flags are made from argv
+  values(argv)
   return values.config
 
 

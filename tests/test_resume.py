@@ -243,6 +243,15 @@ def test_failed_start_writes_nothing_and_reads_create_nothing(tmp_path, digits_d
     assert out.stderr.strip().splitlines() == [
         f'error: {args[-2 if args[0] == "predict" else -1]} does not exist; pass the directory '
         f'of a training run (or of python -m alexnet_jax.convert_torchvision).']
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  out = subprocess.run([sys.executable, '-m', 'alexnet_jax.evaluate', '--config=configs/default.py',
+                        f'--workdir={empty}'], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      f'error: {empty} has no checkpoints; train there first (python -m alexnet_jax.main) or '
+      f'import weights (python -m alexnet_jax.convert_torchvision PATH.pth {empty}).']
+  assert not os.listdir(empty)
   assert not fresh.exists() and not typo.exists()
   # The corrected command is not refused as "a different config": nothing was recorded.
   assert not os.path.exists(fresh / 'config.json')
