@@ -191,11 +191,13 @@ class MetricLogger:
   """Writes metrics to `WORKDIR/metrics.jsonl` (one object a line) and TensorBoard event files.
 
   On resume from step s, lines past s (written after the checkpoint the run restarts from) are
-  dropped, and the first event of this run's TensorBoard file purges every older event past s,
-  so both read as if the run had never stopped. TensorBoard gets one value per tag and step (an
-  evaluation line repeats `epoch` and `learning_rate` of the train line at its step: the first
-  one is kept). The event file is created at the first write, so a start that logs nothing
-  leaves none.
+  dropped, and this run's event file begins with TensorBoard's purge marker (a SessionLog START
+  at s + 1) that hides every older event past s, so both read as if the run had never stopped.
+  Events are written and flushed synchronously (tensorboardX's SummaryWriter queues them for a
+  thread, which a kill can beat): what a checkpoint covers is on disk in both files before it.
+  TensorBoard gets one value per tag and step (an evaluation line repeats `epoch` and
+  `learning_rate` of the train line at its step: the first one is kept). The event file is
+  created at the first write, so a start that logs nothing leaves none.
   """
 
   def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
@@ -221,21 +223,26 @@ class MetricLogger:
   def write(self, step: int, **scalars: float) -> None:
     if not self.enabled:
       return
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
     scalars = {k: (v if isinstance(v, int) else float(v)) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
     self._jsonl.flush()
     if self._tb is None:
-      from tensorboardX import SummaryWriter
-      # Purges the events of any earlier start past the resumed step (older files included).
+      os.makedirs(os.path.join(self._workdir, 'tensorboard'), exist_ok=True)
       # The suffix keeps two starts within one second apart, in start order (TensorBoard reads
       # the files sorted by name).
-      self._tb = SummaryWriter(os.path.join(self._workdir, 'tensorboard'),
-                               purge_step=self._resume_step + 1,
-                               filename_suffix=f'.{time.time_ns()}')
+      self._tb = EventsWriter(os.path.join(self._workdir, 'tensorboard', 'events'),
+                              f'.{time.time_ns()}')
+      self._tb.write_event(Event(step=self._resume_step + 1, wall_time=time.time(),
+                                 session_log=SessionLog(status=SessionLog.START)))
+    event = Event(step=step, wall_time=time.time())
     for k, v in scalars.items():
       if self._tb_last.get(k) != step:
-        self._tb.add_scalar(k, v, step)
+        event.summary.value.extend(scalar(k, v).value)
         self._tb_last[k] = step
+    self._tb.write_event(event)
     self._tb.flush()
 
   def close(self) -> None:

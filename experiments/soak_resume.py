@@ -36,8 +36,8 @@ RUN = ['--config=configs/default.py', '--config.dataset.image_size=63',
 
 
 def command(workdir: str, data_dir: str) -> list[str]:
-  return [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}',
-          f'--config.dataset.data_dir={data_dir}', *RUN]
+  return [sys.executable, '-m', 'alexnet_jax.main', *RUN, f'--workdir={workdir}',
+          f'--config.dataset.data_dir={data_dir}']
 
 
 def start(workdir: str, data_dir: str, log) -> subprocess.Popen:
