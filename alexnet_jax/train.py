@@ -276,8 +276,12 @@ def _resume(manager, state: TrainState, parallel: Parallel, workdir: str,
   return state if restored is None else parallel.get(restored)
 
 
-def _train(config, workdir, parallel, model, tx, plateau, pre, state, train_split, eval_split,
-           steps_per_epoch, manager, news) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
+           model: models.AlexNet, tx: optax.GradientTransformation,
+           plateau: optax.GradientTransformation, pre: input_pipeline.Preprocess,
+           state: TrainState, train_split: input_pipeline.Split, eval_split: input_pipeline.Split,
+           steps_per_epoch: int, manager: Any, news: list[str]) -> dict[str, float]:
+  """The epoch loop, in a workdir this run holds: resume, train, log, evaluate, save, stop."""
   from alexnet_jax import input_pipeline  # TensorFlow: imported only where data is read
   is_main = jax.process_index() == 0
   say = tqdm.tqdm.write if is_main else lambda text: None
