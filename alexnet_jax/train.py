@@ -8,6 +8,7 @@ epoch, feeds the validation top-1 error to the plateau rule, logs, and checkpoin
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -164,6 +165,8 @@ def check_train_config(config: ml_collections.ConfigDict, parallel: Parallel) ->
   parallel.check_batch_size(t.eval_batch_size, 'train.eval_batch_size')
   if t.on_nonfinite not in ('stop', 'skip'):
     raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use 'stop' or 'skip'.")
+  if t.profile_steps < 0:
+    raise ConfigError(f'train.profile_steps={t.profile_steps} must be 0 (off) or a number of steps.')
   if t.log_every_steps <= 0:
     raise ConfigError(f'train.log_every_steps={t.log_every_steps} must be positive.')
   if t.checkpoint_every_steps < 0 or t.checkpoint_every_steps % t.log_every_steps:
@@ -312,9 +315,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
   pending: list[dict[str, jax.Array]] = []
   last_eval: dict[str, float] = {}
   tick, tick_step = time.perf_counter(), start_step
-  with workdir_lib.StopSignal() as stop:
+  waited = 0.0  # seconds spent waiting for the next batch since the last log line
+  profiler = _Profiler(os.path.join(workdir, 'tensorboard'), start_step + 2,
+                       config.train.profile_steps if is_main else 0, say)
+  with workdir_lib.StopSignal() as stop, profiler:
     for step in range(start_step + 1, total_steps + 1):
-      state, metrics = p_train_step(state, next(batches))
+      profiler.step(step, state)
+      t = time.perf_counter()
+      batch = next(batches)
+      waited += time.perf_counter() - t
+      state, metrics = p_train_step(state, batch)
       # Read once: a signal landing later in this step (during a metrics fetch, an evaluation
       # or a save) is acted on at the next step, never half-way.
       stopping = stop.received
@@ -337,11 +347,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
         pending = []
         now = time.perf_counter()
         images_per_s = (step - tick_step) * config.train.batch_size / (now - tick)
-        tick, tick_step = now, step
+        input_wait = waited / (now - tick)
+        tick, tick_step, waited = now, step, 0.0
         lr = float(optim.learning_rate(config.optimizer, parallel.get(state.plateau_state)))
         logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr,
-                     images_per_second=images_per_s, **train)
-        bar.set_postfix(loss=f'{train["train_loss"]:.4f}', img_s=f'{images_per_s:.0f}')
+                     images_per_second=images_per_s, input_wait_fraction=input_wait, **train)
+        bar.set_postfix(loss=f'{train["train_loss"]:.4f}', img_s=f'{images_per_s:.0f}',
+                        input_wait=f'{input_wait:.0%}')
       if save_now:
         host_state = parallel.get(state)
         if epoch_end:
@@ -364,6 +376,39 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
   bar.close()
   logger.close()
   return last_eval
+
+
+class _Profiler:
+  """`train.profile_steps` > 0: a jax.profiler trace of that many steps from `first` (the step
+  after compilation) into `logdir`/plugins/profile/, TensorBoard's profile tab."""
+
+  def __init__(self, logdir: str, first: int, num_steps: int, say: Callable[[str], None]):
+    self.logdir, self.first, self.last, self.say = logdir, first, first + num_steps - 1, say
+    self.active = False
+    self.enabled = num_steps > 0
+
+  def step(self, step: int, state: Any) -> None:
+    """Called before `step` runs; `state` is the one the previous step returned."""
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    elif self.active and step == self.last + 1:
+      self._stop(state)
+
+  def _stop(self, state: Any) -> None:
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.active = False
+    self.say(f'Wrote a profile of steps {self.first}-{self.last} to '
+             f'{os.path.join(self.logdir, "plugins", "profile")} (TensorBoard\'s profile tab).')
+
+  def __enter__(self) -> '_Profiler':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.active:  # the run ended inside the window: keep what was traced
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _save(manager, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:

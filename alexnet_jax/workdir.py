@@ -31,7 +31,9 @@ from alexnet_jax.errors import ConfigError
 RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
              'train.num_train_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
              'train.checkpoint_max_to_keep', 'train.allow_config_change', 'train.on_nonfinite',
-             'train.debug_nan_step', 'train.eval_batch_size')
+             'train.debug_nan_step', 'train.eval_batch_size', 'train.profile_steps')
+# Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
+WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
 CLASS_NAMES = 'class_names.txt'
 LOCK = 'lock'

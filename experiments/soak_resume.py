@@ -9,8 +9,8 @@ the same run in a fresh workdir and a fresh TFDS data_dir, sent that signal at `
 wall-clock moments (uniform over the first `--window` of the reference's duration, so they land in
 start-up, data preparation, compilation, steps, evaluations and checkpoint writes) and restarted
 after each, and finally run to its end. Passes when every restart succeeded and the final
-checkpoint (parameters, momentum, plateau state, step, RNG key), `metrics.jsonl` (every field but
-`images_per_second`) and the TensorBoard scalars equal the reference's. Not part of the test suite
+checkpoint (parameters, momentum, plateau state, step, RNG key), `metrics.jsonl` (every field but the
+wall-clock ones) and the TensorBoard scalars equal the reference's. Not part of the test suite
 (several minutes); `tests/test_resume.py` kills one run at one random step.
 """
 
@@ -27,6 +27,8 @@ import sys
 import time
 
 import numpy as np
+
+from alexnet_jax.workdir import WALL_CLOCK_METRICS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 50  # 22 steps an epoch at batch 64: evaluations at 22, 44 and 50
@@ -51,7 +53,7 @@ def metrics(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     lines = [json.loads(l) for l in f if l.strip()]
-  return [{k: v for k, v in l.items() if k != 'images_per_second'} for l in lines]
+  return [{k: v for k, v in l.items() if k not in WALL_CLOCK_METRICS} for l in lines]
 
 
 def logged_step(workdir: str) -> int:
@@ -94,7 +96,7 @@ def tensorboard_matches(workdir: str) -> bool:
   events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
   events.Reload()
   shown = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-           for tag in events.Tags()['scalars'] if tag != 'images_per_second'}
+           for tag in events.Tags()['scalars'] if tag not in WALL_CLOCK_METRICS}
   expected: dict[str, list] = {}
   for line in metrics(workdir):
     for tag, value in line.items():

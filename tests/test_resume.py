@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from alexnet_jax.workdir import WALL_CLOCK_METRICS
 from conftest import REPO
 
 # 22 steps an epoch at batch 64: the runs cross an epoch end (evaluation, plateau rule).
@@ -33,7 +34,7 @@ def run(workdir, data_dir, *overrides, env=None, **kw):
 def metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [json.loads(l) for l in f]
-  return [{k: v for k, v in l.items() if k != 'images_per_second'} for l in lines]
+  return [{k: v for k, v in l.items() if k not in WALL_CLOCK_METRICS} for l in lines]
 
 
 def logged_step(workdir):
@@ -72,7 +73,7 @@ def tensorboard_scalars(workdir):
                                               purge_orphaned_data=True)
   events.Reload()
   return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-          for tag in events.Tags()['scalars'] if tag != 'images_per_second'}
+          for tag in events.Tags()['scalars'] if tag not in WALL_CLOCK_METRICS}
 
 
 def assert_same_tree(a, b):

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -62,13 +63,19 @@ def read_metrics(workdir):
 
 
 def test_cli_trains_checkpoints_and_resumes(tmp_path, digits_dir):
-  out = run_cli(tmp_path, digits_dir, '--config.train.num_train_steps=3')
+  out = run_cli(tmp_path, digits_dir, '--config.train.num_train_steps=3',
+                '--config.train.profile_steps=1')
   assert out.returncode == 0, out.stderr[-3000:]
   lines = read_metrics(tmp_path)
   train_lines = [l for l in lines if 'train_loss' in l]
   evals = [l for l in lines if 'val_top1_error' in l]
   assert [l['step'] for l in train_lines] == [2, 3]
   assert all({'step', 'train_loss', 'learning_rate'} <= set(l) for l in train_lines)
+  assert all(0 <= l['input_wait_fraction'] <= 1 for l in train_lines)
+  profiles = tmp_path / 'tensorboard' / 'plugins' / 'profile'
+  assert f'Wrote a profile of steps 2-2 to {profiles}' in out.stdout + out.stderr
+  assert [f for run in os.listdir(profiles) for f in os.listdir(profiles / run)
+          if f.endswith('.xplane.pb')]
   assert len(evals) == 1 and evals[0]['step'] == 3
   assert {'step', 'epoch', 'val_top1_error', 'val_top5_error', 'learning_rate'} <= set(evals[0])
   assert 0.0 <= evals[0]['val_top1_error'] <= 1.0
@@ -147,6 +154,23 @@ def test_evaluate_counts_every_example_once(config, digits_dir):
   # The untrained model predicts one class for everything: top-1 error = 1 - that class's share.
   assert 0.85 <= result['val_top1_error'] <= 0.95
   assert result['val_top5_error'] < result['val_top1_error']
+
+
+def test_input_wait_fraction_shows_a_slow_pipeline(config, tmp_path, monkeypatch):
+  """A host pipeline slower than the step: the train lines say the loop mostly waited."""
+  from alexnet_jax import input_pipeline
+  real = input_pipeline.train_batches
+
+  def slow_batches(*args, **kwargs):
+    for batch in real(*args, **kwargs):
+      time.sleep(2.5)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_batches', slow_batches)
+  config.train.num_train_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  waits = {l['step']: l['input_wait_fraction'] for l in read_metrics(tmp_path) if 'train_loss' in l}
+  assert waits[4] > 0.75, waits  # steps 3-4: compilation is behind them, two sleeps are not
 
 
 def test_bfloat16_trains_the_digits_demo_as_well_as_float32(config, tmp_path):
