@@ -263,14 +263,15 @@ def initializers(
   'paper' (§5): kernels ~ N(0, std^2); the `bias_one` rows' biases = `bias_one`, the others 0.
   'he' (He et al. 2015, torch.nn.init.kaiming_normal_ with fan_in): kernels ~ N(0, gain^2 / fan_in),
   fan_in = kh * kw * input channels per tower (convolutions) or inputs (dense); gain sqrt(2) for
-  the rows a ReLU follows, so activations keep their scale through any depth and input size, and
-  1 for fc8 (LeCun); biases 0. `std` and `bias_one` are not used.
+  the rows a ReLU follows, so activations keep their scale at any input size (LRN's division by
+  about k^beta = 1.7 is left as it is), and 1 for fc8 (LeCun); biases 0. `std` and `bias_one` are
+  not used.
   """
   if init == 'paper':
     return nn.initializers.normal(std), nn.initializers.constant(bias_one if row.bias_one else 0.0)
   relu = isinstance(row, Conv) or row.relu
-  return nn.initializers.variance_scaling(2.0 if relu else 1.0, 'fan_in', 'normal'), \
-      nn.initializers.zeros
+  kernel = nn.initializers.variance_scaling(2.0 if relu else 1.0, 'fan_in', 'normal')
+  return kernel, nn.initializers.zeros
 
 
 class AlexNet(nn.Module):
