@@ -252,8 +252,26 @@ class Conv2d(nn.Module):
     return y + bias.astype(self.dtype)
 
 
-def _bias(one: bool, value: float) -> nn.initializers.Initializer:
-  return nn.initializers.constant(value if one else 0.0)
+INITS = ('paper', 'he')
+
+
+def initializers(
+    row: Conv | Dense, init: str, std: float, bias_one: float
+) -> tuple[nn.initializers.Initializer, nn.initializers.Initializer]:
+  """(kernel, bias) initialisers of one table row.
+
+  'paper' (§5): kernels ~ N(0, std^2); the `bias_one` rows' biases = `bias_one`, the others 0.
+  'he' (He et al. 2015, torch.nn.init.kaiming_normal_ with fan_in): kernels ~ N(0, gain^2 / fan_in),
+  fan_in = kh * kw * input channels per tower (convolutions) or inputs (dense); gain sqrt(2) for
+  the rows a ReLU follows, so activations keep their scale at any input size (LRN's division by
+  about k^beta = 1.7 is left as it is), and 1 for fc8 (LeCun); biases 0. `std` and `bias_one` are
+  not used.
+  """
+  if init == 'paper':
+    return nn.initializers.normal(std), nn.initializers.constant(bias_one if row.bias_one else 0.0)
+  relu = isinstance(row, Conv) or row.relu
+  kernel = nn.initializers.variance_scaling(2.0 if relu else 1.0, 'fan_in', 'normal')
+  return kernel, nn.initializers.zeros
 
 
 class AlexNet(nn.Module):
@@ -265,8 +283,9 @@ class AlexNet(nn.Module):
   overlapping_pool: bool = True  # §3.4: 3x3/2 pooling; False: 2x2/2
   groups: int = 2  # §3.2: two towers; 1: one tower with the same widths
   dropout_rate: float = 0.5
-  bias_init: float = 1.0  # value of the "ones" biases (Caffe needed 0.1)
-  init_std: float = 0.01
+  init_scheme: str = 'paper'  # config model.init: INITS, see `initializers`
+  bias_init: float = 1.0  # value of the "ones" biases (Caffe needed 0.1); 'paper' init only
+  init_std: float = 0.01  # 'paper' init only
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
   # How the layers run (same forward output; see README "Benchmarks"): GROUP_IMPLS, LRN_IMPLS,
   # POOL_IMPLS, CONV1_IMPLS.
@@ -284,6 +303,8 @@ class AlexNet(nn.Module):
       if getattr(self, field) not in choices:
         raise ConfigError(f'model.{field}={getattr(self, field)!r} is unknown; use one of '
                           f'{choices}.')
+    if self.init_scheme not in INITS:
+      raise ConfigError(f'model.init={self.init_scheme!r} is unknown; use one of {INITS}.')
     if self.groups < 1:
       raise ConfigError(f'model.groups={self.groups} must be 1 (one tower) or more.')
 
@@ -296,14 +317,14 @@ class AlexNet(nn.Module):
                        f'must be at least {min_image_size(self)} (dataset.image_size).')
     if example_ids is None:
       example_ids = jnp.arange(x.shape[0])
-    kernel_init = nn.initializers.normal(self.init_std)
     pool = 3 if self.overlapping_pool else 2
     x = x.astype(self.dtype)
     for row in VARIANTS[self.variant]:
+      kernel_init, bias_init = initializers(row, self.init_scheme, self.init_std, self.bias_init)
       if isinstance(row, Conv):
         x = Conv2d(row.features, row.kernel, row.stride, row.padding,
                    groups=self.groups if row.grouped else 1, kernel_init=kernel_init,
-                   bias_init=_bias(row.bias_one, self.bias_init), dtype=self.dtype,
+                   bias_init=bias_init, dtype=self.dtype,
                    group_impl=self.group_impl,
                    space_to_depth=row.name == 'conv1' and self.conv1_impl == 'space_to_depth',
                    name=row.name)(x)
@@ -322,8 +343,7 @@ class AlexNet(nn.Module):
       if row.dropout and train and self.dropout_rate > 0:
         x = per_example_dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
       x = nn.Dense(row.features or self.num_classes, kernel_init=kernel_init,
-                   bias_init=_bias(row.bias_one, self.bias_init), dtype=self.dtype,
-                   name=row.name)(x)
+                   bias_init=bias_init, dtype=self.dtype, name=row.name)(x)
       if row.relu:
         x = nn.relu(x)
       self.sow('intermediates', 'rows', (x, x))

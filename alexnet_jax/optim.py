@@ -1,7 +1,8 @@
 """The paper's optimiser (§5) as optax: momentum SGD, weight decay, LR ÷10 on validation plateaus.
 
 Two pieces, because they are driven by different clocks:
-  * `make_optimizer` — the per-step update, an optax chain (momentum, weight decay, learning rate);
+  * `make_optimizer` — the per-step update, an optax chain (momentum, weight decay, learning rate,
+    and an optional linear warm-up of the learning rate over the first `warmup_steps` steps);
   * `make_plateau` — `optax.contrib.reduce_on_plateau`, fed once per evaluation with the validation
     top-1 error (`update_plateau`); its `scale` multiplies every step's update (`scale_updates`).
 Both states live in the train state, so a checkpoint carries momentum and plateau counters.
@@ -34,10 +35,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   if mode not in WEIGHT_DECAY_MODES:
     raise ConfigError(f'optimizer.weight_decay_mode={mode!r} is unknown; use one of '
                      f'{WEIGHT_DECAY_MODES}.')
+  if config.warmup_steps < 0:
+    raise ConfigError(f'optimizer.warmup_steps={config.warmup_steps} must be 0 (no warm-up) or '
+                      f'more.')
   decay = optax.add_decayed_weights(config.weight_decay)
   momentum = optax.trace(decay=config.momentum, nesterov=False)
   steps = [decay, momentum] if mode == 'coupled' else [momentum, decay]
-  tx = optax.chain(*steps, optax.scale(-config.learning_rate))
+  # Without a warm-up the chain (and so the optimiser state in checkpoints) stays a plain scale.
+  lr = (optax.scale_by_schedule(lambda count: -lr_schedule(config)(count)) if config.warmup_steps
+        else optax.scale(-config.learning_rate))
+  tx = optax.chain(*steps, lr)
   frozen = tuple(config.frozen_layers)
   if not frozen:
     return tx
@@ -46,6 +53,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return {layer: jax.tree.map(lambda _: 'frozen' if layer in frozen else 'trained', sub)
             for layer, sub in params.items()}
   return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Learning rate by step, before the plateau scale: rising linearly from 0 to `learning_rate`
+  over the first `warmup_steps` (Goyal et al. 2017), then constant. A warm-up keeps the first
+  updates small while a freshly initialised network's gradients are at their largest."""
+  if not config.warmup_steps:
+    return optax.constant_schedule(config.learning_rate)
+  return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
@@ -69,6 +85,6 @@ def scale_updates(updates: Any, plateau_state: Any) -> Any:
   return jax.tree.map(lambda u: u * plateau_state.scale.astype(u.dtype), updates)
 
 
-def learning_rate(config: ml_collections.ConfigDict, plateau_state: Any) -> jax.Array:
-  """The learning rate in force: the base rate times the plateau scale."""
-  return config.learning_rate * plateau_state.scale
+def learning_rate(config: ml_collections.ConfigDict, plateau_state: Any, step: int) -> jax.Array:
+  """The learning rate in force after `step` steps: the (warmed-up) rate times the plateau scale."""
+  return lr_schedule(config)(step) * plateau_state.scale

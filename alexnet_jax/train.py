@@ -53,6 +53,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Al
   return models.AlexNet(num_classes=num_classes, variant=m.variant, lrn=m.lrn,
                         overlapping_pool=m.overlapping_pool, groups=m.groups,
                         dropout_rate=m.dropout_rate, bias_init=m.bias_init, init_std=m.init_std,
+                        init_scheme=m.get('init', 'paper'),  # config.json before model.init
                         dtype=jnp.dtype(m.dtype), group_impl=m.group_impl,
                         lrn_impl=m.lrn_impl, pool_impl=m.pool_impl, conv1_impl=m.conv1_impl)
 
@@ -349,7 +350,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
         images_per_s = (step - tick_step) * config.train.batch_size / (now - tick)
         input_wait = waited / (now - tick)
         tick, tick_step, waited = now, step, 0.0
-        lr = float(optim.learning_rate(config.optimizer, parallel.get(state.plateau_state)))
+        lr = float(optim.learning_rate(config.optimizer, parallel.get(state.plateau_state), step))
         logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr,
                      images_per_second=images_per_s, input_wait_fraction=input_wait, **train)
         bar.set_postfix(loss=f'{train["train_loss"]:.4f}', img_s=f'{images_per_s:.0f}',
@@ -361,7 +362,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
                                parallel.local_batch_size(config.train.eval_batch_size), parallel)
           host_state = host_state.replace(plateau_state=optim.update_plateau(
               plateau, host_state.plateau_state, last_eval['val_top1_error']))
-          lr = float(optim.learning_rate(config.optimizer, host_state.plateau_state))
+          lr = float(optim.learning_rate(config.optimizer, host_state.plateau_state, step))
           logger.write(step, epoch=step / steps_per_epoch, learning_rate=lr, **last_eval)
           say(f'step {step} epoch {step / steps_per_epoch:.2f}: '
               f'val top-1 {last_eval["val_top1_error"]:.4f} '

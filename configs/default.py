@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.overlapping_pool = True  # 3x3 stride 2; False: 2x2 stride 2
   c.model.groups = 2  # 2 towers in conv2/4/5; 1: one tower
   c.model.dropout_rate = 0.5
+  # 'paper': N(0, init_std^2) weights, the "ones" biases below; 'he': N(0, 2/fan_in) weights (fc8:
+  # 1/fan_in), zero biases, which keeps its scale at any input size (configs/folder.py).
+  c.model.init = 'paper'
   # The paper's init (std 0.01, "ones" biases 1) sits at ln(10) on this small problem (the known
   # failure in alexnet_facts.md); std 0.03 (the 2012 code's conv3-5 value) and Caffe's 0.1 learn.
   c.model.init_std = 0.03  # weights ~ N(0, init_std^2); paper: 0.01
@@ -79,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.01
+  c.optimizer.warmup_steps = 0  # LR rises linearly from 0 over this many steps; 0: no warm-up
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 5e-4
   c.optimizer.weight_decay_mode = 'decoupled'  # or 'coupled' (the paper's form)
