@@ -295,7 +295,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.num_train_steps > 0:
     total_steps = min(total_steps, config.train.num_train_steps)
-  every = config.train.checkpoint_every_steps
+  every, every_log = config.train.checkpoint_every_steps, config.train.log_every_steps
 
   logger = workdir_lib.MetricLogger(workdir, start_step, enabled=is_main)
   p_train_step = parallel.wrap(functools.partial(train_step, model=model, tx=tx),
@@ -317,6 +317,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
   last_eval: dict[str, float] = {}
   tick, tick_step = time.perf_counter(), start_step
   waited = 0.0  # seconds spent waiting for the next batch since the last log line
+  announced = False  # a stop signal was acknowledged
   profiler = _Profiler(os.path.join(workdir, 'tensorboard'), start_step + 2,
                        config.train.profile_steps if is_main else 0, say)
   with workdir_lib.StopSignal() as stop, profiler:
@@ -326,14 +327,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
       batch = next(batches)
       waited += time.perf_counter() - t
       state, metrics = p_train_step(state, batch)
+      epoch_end = step % steps_per_epoch == 0 or step == total_steps
+      log_now = step % every_log == 0 or epoch_end
       # Read once: a signal landing later in this step (during a metrics fetch, an evaluation
-      # or a save) is acted on at the next step, never half-way.
-      stopping = stop.received
+      # or a save) is acted on at the next step, never half-way. The run stops where it logs
+      # anyway, so the resumed run logs exactly what an uninterrupted one does; a second
+      # signal stops it at once.
+      signals = stop.count
+      stopping = stop.received if signals and (log_now or signals > 1) else None
+      if signals and not announced and not stopping:
+        announced = True
+        at = min(step - step % every_log + every_log,
+                 step - step % steps_per_epoch + steps_per_epoch, total_steps)
+        say(f'{signal.Signals(stop.received).name} received: stopping at step {at} (the next '
+            f'log step) with a checkpoint; signal again to stop at once.')
       pending.append(metrics)  # stays on device until the next log line
       bar.update(1)
-      epoch_end = step % steps_per_epoch == 0 or step == total_steps
       save_now = epoch_end or (every and step % every == 0) or stopping
-      if step % config.train.log_every_steps == 0 or save_now:
+      if log_now or save_now:
         host = parallel.get(pending)
         bad = [step - len(host) + 1 + i for i, m in enumerate(host) if m['nonfinite_steps']]
         if bad and config.train.on_nonfinite == 'stop':

@@ -255,10 +255,12 @@ class MetricLogger:
 
 
 class StopSignal:
-  """Within `with`, SIGTERM/SIGINT only set `received`: the loop ends the step and checkpoints."""
+  """Within `with`, SIGTERM/SIGINT only set `received` (and count them): the loop checkpoints at
+  its next log step, or at once on a second signal."""
 
   def __init__(self):
     self.received: int | None = None
+    self.count = 0
 
   def __enter__(self) -> 'StopSignal':
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -267,6 +269,7 @@ class StopSignal:
   def _handle(self, signum, frame) -> None:
     del frame
     self.received = signum
+    self.count += 1
 
   def __exit__(self, *exc) -> None:
     for s, handler in self._previous.items():

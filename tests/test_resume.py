@@ -159,13 +159,20 @@ def test_signal_during_the_metrics_fetch_is_saved_before_it_is_reported(config, 
   train.train_and_evaluate(config, str(tmp_path))
   out = capsys.readouterr().out
   assert sent
-  assert (f'Stopped by SIGTERM at step 3 (epoch 0.03); checkpoint 3 saved in '
+  # Seen at step 3; the run goes on to its next log step, so a resumed run logs what an
+  # uninterrupted one does.
+  assert ('SIGTERM received: stopping at step 4 (the next log step) with a checkpoint; signal '
+          'again to stop at once.') in out, out
+  assert (f'Stopped by SIGTERM at step 4 (epoch 0.04); checkpoint 4 saved in '
           f'{tmp_path / "checkpoints"}. Run the same command to resume.') in out, out
-  assert checkpoints.all_steps(str(tmp_path)) == [3]
+  assert checkpoints.all_steps(str(tmp_path)) == [4]
   monkeypatch.undo()
   train.train_and_evaluate(config, str(tmp_path))
-  assert 'Resuming from step 3' in capsys.readouterr().out
-  assert checkpoints.all_steps(str(tmp_path)) == [3, 6]
+  assert 'Resuming from step 4' in capsys.readouterr().out
+  assert checkpoints.all_steps(str(tmp_path)) == [4, 6]
+  uninterrupted = str(tmp_path / 'uninterrupted')
+  train.train_and_evaluate(config, uninterrupted)
+  assert metrics(tmp_path) == metrics(uninterrupted)
 
 
 def largest_file(directory):
