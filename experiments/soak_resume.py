@@ -205,7 +205,7 @@ def write_report(args, duration: float, results: dict, passed: bool) -> None:
     phases = {}
     for row in rows:
       phases[row['phase']] = phases.get(row['phase'], 0) + 1
-    out += [f'## SIG{sig.name}: {len(rows)} signals, {len(rows)} restarts', '',
+    out += [f'## {sig.name}: {len(rows)} signals, {len(rows)} restarts', '',
             'Where they landed: ' + ', '.join(f'{k}: {v}' for k, v in phases.items()) + '.', '',
             '| # | moment (s) | exit code | landed in | logged step after |', '|---|---|---|---|---|']
     out += [f'| {r["kill"]} | {r["moment"]:.1f} | {r["returncode"]} | {r["phase"]} | {r["step"]} |'
