@@ -59,13 +59,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
   """Writes `state` (global arrays, see Parallel.replicated) as checkpoint `step`; every
   process calls it, orbax coordinates who writes what."""
-  try:
-    with quiet():  # a failure is raised to the caller, who says it in one line
-      manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
-      manager.wait_until_finished()
-  except Exception:
-    _drop_orbax_leftovers()
-    raise
+  with quiet():  # a failure is raised to the caller, who says it in one line
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    manager.wait_until_finished()
 
 
 def restore(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
@@ -88,6 +84,7 @@ def reason(error: BaseException) -> str:
 def quiet(level: int = logging.CRITICAL) -> Iterator[None]:
   """Orbax logs failures with tracebacks (some from its threads) and read-only managers with
   warnings; within `with`, those stay off the terminal: the caller reports them in one line."""
+  _hide_orbax_leftovers()
   loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
   levels = [logger.level for logger in loggers]
   for logger in loggers:
@@ -105,11 +102,17 @@ def _is_orbax_leftover(exc: BaseException | None, obj: Any = None) -> bool:
       code is not None and 'orbax' in code.co_filename)
 
 
-def _drop_orbax_leftovers() -> None:
-  """A failed orbax restore leaves coroutines and tensorstore callbacks behind that print
-  tracebacks whenever they are collected, long after the failure was reported in one line:
-  from then on this process drops those (and only those)."""
-  if getattr(sys.excepthook, 'drops_orbax_leftovers', False):
+class _NeverRetrieved(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'exception was never retrieved' not in record.getMessage()
+
+
+def _hide_orbax_leftovers() -> None:
+  """A failed orbax restore or save leaves tasks, coroutines and tensorstore callbacks behind
+  that print tracebacks from other threads, during the failure and whenever they are collected
+  later, after the failure was reported in one line. Installed before the first orbax call, for
+  the process: drops those (and only those)."""
+  if getattr(sys.excepthook, 'hides_orbax_leftovers', False):
     return
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
@@ -121,8 +124,9 @@ def _drop_orbax_leftovers() -> None:
     if not _is_orbax_leftover(unraisable.exc_value, unraisable.object):
       unraisablehook(unraisable)
 
-  quiet_excepthook.drops_orbax_leftovers = True
+  quiet_excepthook.hides_orbax_leftovers = True
   sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+  logging.getLogger('asyncio').addFilter(_NeverRetrieved())
 
 
 def restore_newest(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
@@ -136,7 +140,6 @@ def restore_newest(manager: ocp.CheckpointManager, like: Any, sharding: jax.shar
       with quiet():
         return restore(manager, like, sharding, step), list(damaged)
     except Exception as e:  # tensorstore, orbax, msgpack and OS errors alike
-      _drop_orbax_leftovers()
       damaged[step] = reason(e)
       say(f'checkpoint {step} in {manager.directory} cannot be restored ({damaged[step]}); '
           f'trying an older one.')
@@ -188,7 +191,6 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
             args=ocp.args.PyTreeRestore(like, ocp.checkpoint_utils.construct_restore_args(like),
                                         partial_restore=True))
     except Exception as e:  # a damaged checkpoint: say which, and what else there is
-      _drop_orbax_leftovers()
       others = ', '.join(map(str, sorted(set(steps) - {step})))
       raise ConfigError(f'checkpoint {step} of {workdir} cannot be read ({reason(e)}); '
                         f'{f"pick another step ({others})" if others else "it has no other"}.'
