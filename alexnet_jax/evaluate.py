@@ -56,7 +56,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, crops: 
   checkpoints.check_param_shapes(params, models.abstract_params(model, pre.image_size),
                                  f'checkpoint {step} of {workdir}',
                                  'pass the config (and overrides) the run was trained with')
-  p_eval_step = parallel.wrap(functools.partial(train.eval_step, model=model))
+  p_eval_step = parallel.wrap(functools.partial(train.eval_step, model=model, mean=pre.mean,
+                                                std=pre.std))
   result = train.evaluate(p_eval_step, parallel.put_state(params), split, pre,
                           parallel.local_batch_size(batch_size), parallel, crops)
   result = {'step': int(step), 'crops': crops, 'split': config.dataset.eval_split,

@@ -1,12 +1,20 @@
 """TFDS → tf.data input pipeline with the paper's augmentation (§4.1), on the host CPU.
 
-train (`dataset.train_crop='paper'`): decode → resize shorter side to R → center R×R crop →
-       random S×S crop → random horizontal flip → PCA lighting noise → per-channel normalisation;
-       (`'inception'`): decode a random window of 8-100% of the area, aspect 3/4-4/3 (fused with
-       the JPEG decode) → resize to S×S → flip → lighting → normalisation
-eval:  decode → resize shorter side to R → center S×S crop → normalisation; or the paper's 10 crops
-       (four corners and center of the R×R image, and their mirrors)
+Every image first becomes the paper's stored form (§2): shorter side scaled to R, central R×R
+square, uint8. A prepared set (`dataset.prepared=True`, alexnet_jax/prepare.py) stores exactly
+that once, so the host only decodes (a JPEG only inside the crop window) and crops.
+
+train (`dataset.train_crop='paper'`): stored R×R square → random S×S crop → random horizontal
+       flip, as uint8, plus the PCA lighting shift of §4.1 drawn per image (3 floats);
+       (`'inception'`, full-size sources only): decode a random window of 8-100% of the area,
+       aspect 3/4-4/3 (fused with the JPEG decode) → resize to S×S → flip → lighting draw
+eval:  stored R×R square → center S×S crop; or the paper's 10 crops (four corners and center of
+       the R×R image, and their mirrors)
 with S = `dataset.image_size` and R = round(S·256/224) (the paper's 256/224 margin).
+
+Batches leave the host as uint8 (a quarter of float32's bytes); the lighting shift and the
+per-channel normalisation are arithmetic the train and eval steps do on the device
+(`train.normalize`).
 
 Randomness is stateless and keyed by (seed, epoch, position in the epoch), so the stream is a pure
 function of the seed: a run resumed at step t sees exactly the batches it would have seen, and the
@@ -108,31 +116,40 @@ def resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def lighting_shift(seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
-  """eigvec @ (alpha * eigval), alpha ~ N(0, std) per image: the RGB shift of §4.1, [3]."""
+  """eigvec @ (alpha * eigval), alpha ~ N(0, std) per image: the RGB shift of §4.1, [3]; zeros
+  with lighting off. Added to the pixels (in [0, 1]) on the device."""
+  if p.lighting_std <= 0:
+    return tf.zeros([3], tf.float32)
   alpha = tf.random.stateless_normal([3], seed=seed, stddev=p.lighting_std)
   return tf.linalg.matvec(tf.constant(p.eigvec, tf.float32), alpha * tf.constant(p.eigval))
 
 
-def normalize(image: tf.Tensor, p: Preprocess, shift: tf.Tensor | float = 0.0) -> tf.Tensor:
-  """((pixels / 255 + shift) - mean) / std as one multiply-add; pixels in [0, 255] → float32.
+STORED_FORMS = ('jpeg', 'raw')  # how a prepared set holds its R×R squares
 
-  Runs on rows of W·3 values against the per-channel constants tiled to that length: TF broadcasts
-  a 3-vector over [..., W, 3] about 4× slower (experiments/pipeline_benchmark.py).
-  """
-  std = tf.constant(p.std)
-  scale, offset = 1 / (255 * std), (shift - tf.constant(p.mean)) / std
-  shape, width = tf.shape(image), tf.shape(image)[-2]
-  rows = tf.reshape(tf.cast(image, tf.float32), [-1, width * 3])
-  rows = rows * tf.tile(scale, [width]) + tf.tile(offset, [width])
-  out = tf.reshape(rows, shape)
-  out.set_shape(image.shape)
-  return out
+
+def square_image(image: tf.Tensor, size: int, stored: str | None) -> tf.Tensor:
+  """The stored R×R square (R = `size`), uint8: decoded from a prepared JPEG, as is from a
+  prepared raw set, or made from a full-size encoded image (`stored=None`)."""
+  if stored == 'raw':
+    return image
+  if stored == 'jpeg':
+    square = tf.io.decode_jpeg(image, channels=3)
+    square.set_shape([size, size, 3])
+    return square
+  return resize_and_center_crop(decode(image), size)
+
+
+def crop_offsets(seed: tf.Tensor, size: int, crop: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(top, left) of a random crop×crop window of a size×size image: the draw
+  `tf.image.stateless_random_crop` makes, so prepared and full-size sources crop alike."""
+  offsets = tf.random.stateless_uniform([3], seed=seed, maxval=tf.int32.max, dtype=tf.int32)
+  return offsets[0] % (size - crop + 1), offsets[1] % (size - crop + 1)
 
 
 def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   """A random window of 8-100% of the area and aspect 3/4-4/3 (Szegedy et al. 2015), resized to
-  size×size; JPEGs decode only the window. After 10 failed draws (tiny or extreme images) the
-  whole image is the window. float32 in [0, 255]."""
+  size×size and rounded to uint8; JPEGs decode only the window. After 10 failed draws (tiny or
+  extreme images) the whole image is the window."""
 
   def window(shape):
     begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -152,27 +169,36 @@ def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
 
   image = tf.cond(tf.io.is_jpeg(encoded), from_jpeg, from_other)
   image.set_shape([None, None, 3])
-  return tf.image.resize(image, [size, size], method='bilinear', antialias=True)
+  resized = tf.image.resize(image, [size, size], method='bilinear', antialias=True)
+  return tf.saturate_cast(tf.round(resized), tf.uint8)
 
 
-def train_image(encoded: tf.Tensor, seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
-  """One training example; `seed` (shape [2], int64) fixes its crop, flip and lighting."""
+def train_image(image: tf.Tensor, seed: tf.Tensor, p: Preprocess,
+                stored: str | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+  """One training example as (uint8 [S, S, 3], lighting shift [3]); `seed` (shape [2], int64)
+  fixes its crop, flip and lighting. A prepared JPEG decodes only the crop window."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
+  size, crop = p.resize_size, p.image_size
   if p.train_crop == 'inception':
-    image = inception_crop(encoded, seeds[0], p.image_size)
-  else:  # cropped and flipped as uint8: a quarter of the bytes to move
-    image = resize_and_center_crop(decode(encoded), p.resize_size)
-    image = tf.image.stateless_random_crop(image, [p.image_size, p.image_size, 3], seed=seeds[0])
+    image = inception_crop(image, seeds[0], crop)
+  else:
+    top, left = crop_offsets(seeds[0], size, crop)
+    if stored == 'jpeg':
+      image = tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, crop, crop]), channels=3)
+    else:
+      image = square_image(image, size, stored)[top:top + crop, left:left + crop, :]
+    image.set_shape([crop, crop, 3])
   if p.flip:
     image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
-  return normalize(image, p, lighting_shift(seeds[2], p) if p.lighting_std > 0 else 0.0)
+  return image, lighting_shift(seeds[2], p)
 
 
-def eval_image(encoded: tf.Tensor, p: Preprocess, crops: int = 1) -> tf.Tensor:
-  """The center S×S crop [S, S, 3], or with `crops=10` the paper's ten crops [10, S, S, 3]."""
-  image = resize_and_center_crop(decode(encoded), p.resize_size)
-  return normalize(ten_crops(image, p.image_size) if crops == 10 else
-                   center_crop(image, p.image_size), p)
+def eval_image(image: tf.Tensor, p: Preprocess, crops: int = 1,
+               stored: str | None = None) -> tf.Tensor:
+  """The center S×S crop [S, S, 3], or with `crops=10` the paper's ten crops [10, S, S, 3]; uint8."""
+  square = square_image(image, p.resize_size, stored)
+  return (ten_crops(square, p.image_size) if crops == 10 else
+          center_crop(square, p.image_size))
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -194,27 +220,47 @@ def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
 OFFLINE_BUILDERS = ('digits', 'folder')  # ours: prepared from files on this machine
 
 
-def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder of `config.dataset`.
+def get_builder(config: ml_collections.ConfigDict,
+                **prepare_options: int) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of `config.dataset`; with `dataset.prepared`, the set of its R×R
+  squares (alexnet_jax/datasets/prepared.py, whose `prepare` takes `prepare_options`), made on
+  first use and reused after.
 
   Our own builders are prepared on first use; a set that needs files you download yourself
   (imagenet2012) is prepared from `dataset.manual_dir`; anything else must already be prepared
   in `dataset.data_dir` — this never downloads.
   """
-  from alexnet_jax.datasets import folder  # importing the package registers our builders
+  from alexnet_jax.datasets import folder, prepared  # importing registers our builders
   name = config.name
   try:
     if name == 'folder':
-      builder = folder.make_builder(config.get('path'), config.data_dir,
-                                    config.get('on_bad_image', 'fail'))
+      source = folder.make_builder(config.get('path'), config.data_dir,
+                                   config.get('on_bad_image', 'fail'))
     else:
-      builder = tfds.builder(name, data_dir=config.data_dir)
+      source = tfds.builder(name, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f'dataset.name={name!r} is not a TFDS data set nor one of ours '
                       f'{OFFLINE_BUILDERS}; check the spelling (e.g. imagenet2012, cifar10).'
                       ) from None
+  if not config.get('prepared', False):
+    return _ready(source, config)
+  if config.train_crop == 'inception':
+    raise ConfigError("dataset.train_crop='inception' needs the full image, and a prepared set "
+                      "holds only its central square; set --config.dataset.prepared=False.")
+  squares = prepared.make_builder(source, round(config.image_size * 256 / 224),
+                                  config.prepared_format, config.prepared_quality)
+  if squares.is_prepared():  # the source's own files are not needed any more
+    return squares
+  _ready(source, config)
+  return prepared.prepare(squares, **prepare_options)
+
+
+def _ready(builder: tfds.core.DatasetBuilder,
+           config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """`builder`, prepared if it is ours or has its manual files; else a one-line error."""
   if builder.is_prepared():
     return builder
+  name = config.name
   manual_dir = config.get('manual_dir')
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     if not manual_dir or not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
@@ -235,13 +281,14 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 class Split:
   """This process's shard of a split, read once; iterate with `train_batches` / `eval_batches`."""
 
-  records: tf.data.Dataset  # {'image': encoded bytes, 'label': int64}
+  records: tf.data.Dataset  # {'image': encoded bytes (or a raw uint8 square), 'label': int64}
   num_examples: int  # in this shard
   num_classes: int
   shard: int = 0  # this process's index among `num_shards` (one shard per process)
   num_shards: int = 1
   largest_shard: int = 0  # examples in the largest shard: every process runs as many eval steps
   class_names: tuple[str, ...] = ()
+  stored: str | None = None  # a prepared set's form of its R×R squares (STORED_FORMS); None: full size
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, shard: int = 0,
@@ -252,21 +299,22 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, sh
                       f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
   image_key, label_key = builder.info.supervised_keys or ('image', 'label')
   features = builder.info.features
+  stored = getattr(builder, 'stored', None)  # set by our prepared builder
   if not (isinstance(image_key, str) and image_key in features and label_key in features
-          and isinstance(features[image_key], tfds.features.Image)
+          and (isinstance(features[image_key], tfds.features.Image) or stored == 'raw')
           and isinstance(features[label_key], tfds.features.ClassLabel)):
     raise ConfigError(f'{builder.name} is not an image-classification set (its supervised keys '
                       f'are {builder.info.supervised_keys}); choose another dataset.name.')
   parts = (tfds.even_splits(split, n=num_shards, drop_remainder=drop_remainder)
            if num_shards > 1 else [split])
   sizes = [builder.info.splits[part].num_examples for part in parts]
-  ds = builder.as_dataset(split=parts[shard], shuffle_files=False,
-                          decoders={image_key: tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(split=parts[shard], shuffle_files=False,  # raw squares need no decoding
+                          decoders=None if stored == 'raw' else {image_key: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {'image': ex[image_key], 'label': ex[label_key]})
   if cache:
     ds = ds.cache()
   return Split(ds, sizes[shard], features[label_key].num_classes, shard, num_shards, max(sizes),
-               tuple(features[label_key].names))
+               tuple(features[label_key].names), stored)
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:
@@ -280,7 +328,8 @@ def steps_per_epoch(split: Split, batch_size: int) -> int:
 
 def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
                   start_step: int = 0, shuffle_buffer: int = 10_000) -> Iterator[dict[str, Any]]:
-  """Endless numpy batches {'image', 'label', 'index'}, epoch after epoch, from `start_step` on.
+  """Endless numpy batches {'image': uint8, 'shift': lighting [B, 3], 'label', 'index'}, epoch
+  after epoch, from `start_step` on.
 
   Epoch e is the shard shuffled with seed (seed, e), cut into full batches (the remainder is
   dropped); resuming skips the records already consumed before decoding them. `index` is unique
@@ -297,7 +346,8 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
     def example(i, ex):
       index = (e * split.num_shards + split.shard) * split.num_examples + i
       ex_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
-      return {'image': train_image(ex['image'], ex_seed, p), 'label': ex['label'],
+      image, shift = train_image(ex['image'], ex_seed, p, split.stored)
+      return {'image': image, 'shift': shift, 'label': ex['label'],
               'index': tf.cast(index, tf.int32)}
 
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -312,12 +362,12 @@ def eval_batches(split: Split, p: Preprocess, batch_size: int,
   """One pass in order; batches are padded to `batch_size` (`mask` = 1 marks real examples), and
   a shard smaller than the largest one ends with empty batches, so all processes step together.
 
-  `crops=10`: every image is [10, S, S, 3], the paper's ten crops (see `ten_crops`).
+  Images are uint8; `crops=10`: every image is [10, S, S, 3], the paper's ten crops (`ten_crops`).
   """
   if crops not in EVAL_CROPS:
     raise ConfigError(f'crops={crops} is not supported; use one of {EVAL_CROPS}.')
   ds = split.records.map(
-      lambda ex: {'image': eval_image(ex['image'], p, crops), 'label': ex['label']},
+      lambda ex: {'image': eval_image(ex['image'], p, crops, split.stored), 'label': ex['label']},
       num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
   count = 0
@@ -325,7 +375,7 @@ def eval_batches(split: Split, p: Preprocess, batch_size: int,
     count += 1
     yield pad_batch(batch, batch_size)
   crop_axis = (crops,) if crops > 1 else ()
-  empty = {'image': np.zeros((0, *crop_axis, p.image_size, p.image_size, 3), np.float32),
+  empty = {'image': np.zeros((0, *crop_axis, p.image_size, p.image_size, 3), np.uint8),
            'label': np.zeros((0,), np.int64)}
   for _ in range(count, -(-split.largest_shard // batch_size)):
     yield pad_batch(empty, batch_size)

@@ -64,7 +64,7 @@ def split_statistics(config: ml_collections.ConfigDict, num_images: int = -1) ->
   split = ip.load_split(ip.get_builder(config.dataset), config.dataset.train_split, cache=False)
   size = ip.Preprocess.from_config(config.dataset).resize_size
   ds = split.records.take(num_images).map(
-      lambda ex: tf.cast(ip.resize_and_center_crop(ip.decode(ex['image']), size), tf.float32) / 255,
+      lambda ex: tf.cast(ip.square_image(ex['image'], size, split.stored), tf.float32) / 255,
       num_parallel_calls=tf.data.AUTOTUNE)
   return rgb_statistics(tfds.as_numpy(ds.batch(64).prefetch(2)))
 

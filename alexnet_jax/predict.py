@@ -78,7 +78,8 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: 
       results.append(f'cannot read image {path}: {e.strerror}.')
     except tf.errors.InvalidArgumentError:
       results.append(f'cannot decode image {path}; pass JPEG, PNG, GIF, BMP or WebP files.')
-  probs = jax.jit(lambda p, x: jax.nn.softmax(model.apply({'params': p}, x, train=False)))
+  probs = jax.jit(lambda p, x: jax.nn.softmax(
+      model.apply({'params': p}, train.normalize(x, pre.mean, pre.std), train=False)))
   good = list(images)
   for start in range(0, len(good), 64):
     chunk = good[start:start + 64]

@@ -1,7 +1,8 @@
 """Training: the train state, the pure train/eval steps, and the epoch loop.
 
 `train_step` and `eval_step` are pure functions of (state, batch shard); `parallel.Parallel` runs
-them on every device under pmap or jit. The loop evaluates on the validation split after every
+them on every device under pmap or jit. Batches arrive as uint8 pixels (plus the lighting shift
+the host drew); both steps start by normalising them on the device (`normalize`). The loop evaluates on the validation split after every
 epoch, feeds the validation top-1 error to the plateau rule, logs, and checkpoints.
 """
 
@@ -11,7 +12,7 @@ import functools
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import flax
 import jax
@@ -90,17 +91,30 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+              shift: jax.Array | None = None) -> jax.Array:
+  """uint8 pixels [B, ..., 3] → ((pixels / 255 + shift) - mean) / std in float32, as one
+  multiply-add; `shift` [B, 3] is each image's PCA lighting shift (§4.1), None for none."""
+  std = jnp.asarray(std, jnp.float32)
+  offset = -jnp.asarray(mean, jnp.float32) / std
+  if shift is not None:
+    offset = offset + (shift / std).reshape(shift.shape[:1] + (1,) * (images.ndim - 2) + (3,))
+  return images.astype(jnp.float32) * (1 / (255 * std)) + offset
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.AlexNet,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, mean: Sequence[float],
+               std: Sequence[float]) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's shard; gradients are averaged over the global batch.
 
   A step whose loss or gradients are not finite changes nothing (parameters and optimiser state
   are kept) and reports `nonfinite_steps` = 1; the loop decides whether to stop.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  images = normalize(batch['image'], mean, std, batch['shift'])
 
   def loss_fn(params):
-    logits = model.apply({'params': params}, batch['image'], train=True,
+    logits = model.apply({'params': params}, images, train=True,
                          example_ids=batch['index'], rngs={'dropout': dropout_rng})
     return cross_entropy(logits, batch['label']).mean(), logits
 
@@ -122,13 +136,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *,
-              model: models.AlexNet) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model: models.AlexNet,
+              mean: Sequence[float], std: Sequence[float]) -> dict[str, jax.Array]:
   """Sums of errors and loss over the real (mask = 1) examples of the global batch.
 
-  Images [B, C, S, S, 3] are C crops per example, scored by their averaged softmax (§4.1).
+  uint8 images [B, C, S, S, 3] are C crops per example, scored by their averaged softmax (§4.1).
   """
-  images = batch['image']
+  images = normalize(batch['image'], mean, std)
   if images.ndim == 5:
     logits = model.apply({'params': params}, images.reshape((-1,) + images.shape[2:]),
                          train=False)
@@ -204,10 +218,11 @@ def init_from_checkpoint(init: ml_collections.ConfigDict, params: Any) -> tuple[
 
 def poison(batches: Iterator[dict[str, np.ndarray]], first_step: int,
            nan_step: int) -> Iterator[dict[str, np.ndarray]]:
-  """Test hook (`train.debug_nan_step`): the batch of step `nan_step` becomes NaN."""
+  """Test hook (`train.debug_nan_step`): the batch of step `nan_step` becomes NaN (through its
+  lighting shift, as uint8 pixels cannot be)."""
   for step, batch in enumerate(batches, first_step):
     if step == nan_step:
-      batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+      batch = {**batch, 'shift': np.full_like(batch['shift'], np.nan)}
     yield batch
 
 
@@ -298,9 +313,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, parallel: Parallel,
   every, every_log = config.train.checkpoint_every_steps, config.train.log_every_steps
 
   logger = workdir_lib.MetricLogger(workdir, start_step, enabled=is_main)
-  p_train_step = parallel.wrap(functools.partial(train_step, model=model, tx=tx),
-                               donate_state=True)
-  p_eval_step = parallel.wrap(functools.partial(eval_step, model=model))
+  p_train_step = parallel.wrap(
+      functools.partial(train_step, model=model, tx=tx, mean=pre.mean, std=pre.std),
+      donate_state=True)
+  p_eval_step = parallel.wrap(functools.partial(eval_step, model=model, mean=pre.mean,
+                                                std=pre.std))
   state = parallel.put_state(state)
   batches = input_pipeline.train_batches(
       train_split, pre, batch_size, seed=config.seed, start_step=start_step,

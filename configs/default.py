@@ -59,6 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.train_crop = 'paper'  # 'paper' (random S of the R center square) or 'inception'
   c.dataset.pca_stats = placeholder(str)  # a pca_stats JSON: replaces eigval/eigvec/mean/std
   c.dataset.on_bad_image = 'fail'  # folder sets: an unreadable image 'fail's the run or is 'skip'ped
+  # The paper's stored form (§2): each image once as its central R x R square (R = round(S*256/224)),
+  # prepared on first use (or by python -m alexnet_jax.prepare) and reused; the host then only
+  # decodes the crop window. 'jpeg' at prepared_quality, or 'raw' uint8 (no decode, R*R*3 bytes).
+  c.dataset.prepared = False
+  c.dataset.prepared_format = 'jpeg'
+  c.dataset.prepared_quality = 95
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64  # global, split over all devices

@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = 224
   c.dataset.flip = True
   c.dataset.cache = False
+  c.dataset.prepared = True  # 256x256 JPEGs made once (README: "Prepared data")
 
   c.train.batch_size = 128
   c.train.eval_batch_size = 500

@@ -11,10 +11,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir holding the prepared digits set (built once per test session)."""
+  """A TFDS data_dir holding the digits set and its 73x73 JPEG squares for image_size 63
+  (`dataset.prepared=True`), built once per test session."""
   from alexnet_jax import input_pipeline
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   config = tiny_config(data_dir)
+  input_pipeline.get_builder(config.dataset)
+  config.dataset.prepared = True
   input_pipeline.get_builder(config.dataset)
   return data_dir
 

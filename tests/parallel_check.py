@@ -24,7 +24,9 @@ def run(mode, devices, steps, config, batch):
   state = train.create_train_state(model, tx, optim.make_plateau(config.optimizer),
                                    config.dataset.image_size, config.seed)
   parallel = Parallel(mode, devices)
-  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx), donate_state=True)
+  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx,
+                                         mean=config.dataset.mean, std=config.dataset.std),
+                       donate_state=True)
   state = parallel.put_state(state)
   rows = parallel.local_batch_size(len(batch['label']))  # this process feeds its rows only
   first = jax.process_index() * rows
@@ -41,7 +43,8 @@ def setup():
   config = tiny_config('')
   config.optimizer.learning_rate = 0.002
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(16, 63, 63, 3)).astype(np.float32),
+  batch = {'image': rng.integers(0, 256, size=(16, 63, 63, 3), dtype=np.uint8),
+           'shift': rng.normal(0, 0.01, size=(16, 3)).astype(np.float32),
            'label': rng.integers(0, 10, size=16).astype(np.int32),
            'index': np.arange(100, 116, dtype=np.int32)}
   return config, batch

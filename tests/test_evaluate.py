@@ -32,13 +32,17 @@ def test_ten_crop_prediction_is_the_mean_of_ten_softmaxes(config):
   model = train.make_model(config, 10)
   state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
                                    optim.make_plateau(config.optimizer), 63, 0)
-  images = np.random.default_rng(0).standard_normal((3, 10, 63, 63, 3)).astype(np.float32)
-  probs = np.stack([jax.nn.softmax(model.apply({'params': state.params}, images[:, c], train=False))
+  images = np.random.default_rng(0).integers(0, 256, (3, 10, 63, 63, 3), dtype=np.uint8)
+  mean, std = config.dataset.mean, config.dataset.std
+  probs = np.stack([jax.nn.softmax(model.apply({'params': state.params},
+                                               train.normalize(images[:, c], mean, std),
+                                               train=False))
                     for c in range(10)]).mean(axis=0)
   labels = np.array([0, 4, 9])
   batch = {'image': images, 'label': labels, 'mask': np.array([1.0, 1.0, 0.0])}
   parallel = Parallel('jit', jax.devices()[:1])
-  sums = parallel.get(parallel.wrap(functools.partial(train.eval_step, model=model))(
+  sums = parallel.get(parallel.wrap(functools.partial(train.eval_step, model=model, mean=mean,
+                                                       std=std))(
       parallel.put_state(state.params), batch))
   top1 = np.argmax(probs, -1) != labels
   top5 = ~np.any(np.argsort(-probs, -1)[:, :5] == labels[:, None], -1)

@@ -24,11 +24,13 @@ def test_digits_split_is_fixed(config):
 def test_train_batches_shapes_dtypes_ranges(config, split):
   pre = ip.Preprocess.from_config(config.dataset)
   batch = next(ip.train_batches(split, pre, 16, seed=0))
-  assert batch['image'].shape == (16, 63, 63, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (16, 63, 63, 3) and batch['image'].dtype == np.uint8
+  assert batch['shift'].shape == (16, 3) and batch['shift'].dtype == np.float32
   assert batch['label'].shape == (16,) and batch['label'].min() >= 0 and batch['label'].max() <= 9
   assert batch['index'].dtype == np.int32 and len(set(batch['index'].tolist())) == 16
-  # Normalised: background pixels ((0 - mean) / std plus lighting) are negative, strokes positive.
-  assert -2.5 < batch['image'].min() < -1.5 and 1.5 < batch['image'].max() < 3.0
+  # Black background and white strokes; lighting shifts of about 0.1 * sqrt(eigval).
+  assert batch['image'].min() == 0 and batch['image'].max() > 200
+  assert 0.001 < np.abs(batch['shift']).max() < 0.2
 
 
 def test_resume_skips_exactly_to_the_step(config, split):
@@ -82,16 +84,20 @@ def test_resize_shorter_side_and_center_crop():
 def test_random_crop_is_a_window_and_flip_a_mirror():
   encoded, _ = encoded_test_image()
   p = preprocess()
-  big = ip.resize_and_center_crop(ip.decode(encoded), p.resize_size).numpy() / 255.0
+  big = ip.resize_and_center_crop(ip.decode(encoded), p.resize_size)
   windows = {(i, j): big[i:i + 28, j:j + 28] for i in range(5) for j in range(5)}
   flips = 0
   for s in range(20):
     seed = tf.constant([s, 1], tf.int64)
-    plain = ip.train_image(encoded, seed, p).numpy()
-    assert any(np.allclose(plain, w, atol=1e-6) for w in windows.values())
-    flipped = ip.train_image(encoded, seed, preprocess(flip=True)).numpy()
-    if not np.allclose(flipped, plain):
-      np.testing.assert_allclose(flipped, plain[:, ::-1], atol=1e-6)
+    plain = ip.train_image(encoded, seed, p)[0].numpy()
+    # tf.image's own random crop draws the same window.
+    crop_seed = tf.random.experimental.stateless_split(seed, 3)[0]
+    np.testing.assert_array_equal(plain, tf.image.stateless_random_crop(big, [28, 28, 3],
+                                                                        crop_seed))
+    assert any(np.array_equal(plain, w) for w in windows.values())
+    flipped = ip.train_image(encoded, seed, preprocess(flip=True))[0].numpy()
+    if not np.array_equal(flipped, plain):
+      np.testing.assert_array_equal(flipped, plain[:, ::-1])
       flips += 1
   assert 3 <= flips <= 17
 
@@ -99,14 +105,14 @@ def test_random_crop_is_a_window_and_flip_a_mirror():
 def test_lighting_is_eigvec_times_scaled_alpha():
   encoded, _ = encoded_test_image()
   seed = tf.constant([7, 7], tf.int64)
-  plain = ip.train_image(encoded, seed, preprocess()).numpy()
-  lit = ip.train_image(encoded, seed, preprocess(lighting_std=0.1)).numpy()
-  shift = (lit - plain).reshape(-1, 3)
-  np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-5)
+  plain, no_shift = ip.train_image(encoded, seed, preprocess())
+  lit, shift = ip.train_image(encoded, seed, preprocess(lighting_std=0.1))
+  np.testing.assert_array_equal(plain, lit)  # the pixels stay uint8; the shift is added on device
+  np.testing.assert_array_equal(no_shift, np.zeros(3))
   alpha_seed = tf.random.experimental.stateless_split(seed, 3)[2]
   alpha = tf.random.stateless_normal([3], seed=alpha_seed, stddev=0.1).numpy()
   expected = np.array(IMAGENET_EIGVEC) @ (alpha * np.array(IMAGENET_EIGVAL))
-  np.testing.assert_allclose(shift[0], expected, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(shift, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_unknown_split_is_a_clear_error(config):
@@ -123,8 +129,8 @@ def test_tiny_and_extreme_images_give_full_crops(train_crop, shape, fmt):
   encoded = tf.io.encode_png(gray) if fmt == 'png' else tf.io.encode_jpeg(gray)
   p = preprocess(train_crop=train_crop, flip=True, lighting_std=0.1)
   for s in range(3):
-    image = ip.train_image(encoded, tf.constant([s, 0], tf.int64), p).numpy()
-    assert image.shape == (28, 28, 3) and np.isfinite(image).all()
+    image, shift = ip.train_image(encoded, tf.constant([s, 0], tf.int64), p)
+    assert image.shape == (28, 28, 3) and image.dtype == tf.uint8 and shift.shape == (3,)
   assert ip.eval_image(encoded, p, crops=10).shape == (10, 28, 28, 3)
 
 
@@ -144,19 +150,18 @@ def test_inception_crop_is_a_resized_window_of_the_image():
     assert 0.08 * 4800 <= h * w <= 4800
     sizes.add((h, w))
     expected = tf.image.resize(decoded[t:t + h, l:l + w], [16, 16], antialias=True).numpy()
-    np.testing.assert_allclose(ip.train_image(encoded, seed, p).numpy() * 255, expected,
-                               atol=1e-3)
+    np.testing.assert_allclose(ip.train_image(encoded, seed, p)[0], expected, atol=0.5 + 1e-3)
   assert len(sizes) > 5  # the window really is random
 
 
 def test_ten_crops_are_the_corners_center_and_mirrors():
   encoded, _ = encoded_test_image(40, 60)
   p = preprocess(image_size=28)  # R = 32
-  big = ip.resize_and_center_crop(ip.decode(encoded), 32).numpy() / 255.0
+  big = ip.resize_and_center_crop(ip.decode(encoded), 32).numpy()
   five = [big[:28, :28], big[:28, 4:], big[4:, :28], big[4:, 4:], big[2:30, 2:30]]
   expected = np.stack(five + [c[:, ::-1] for c in five])
-  np.testing.assert_allclose(ip.eval_image(encoded, p, crops=10).numpy(), expected, atol=1e-6)
-  np.testing.assert_allclose(ip.eval_image(encoded, p).numpy(), expected[4], atol=1e-6)
+  np.testing.assert_array_equal(ip.eval_image(encoded, p, crops=10), expected)
+  np.testing.assert_array_equal(ip.eval_image(encoded, p), expected[4])
 
 
 def test_lighting_noise_has_the_pca_covariance():
@@ -189,3 +194,19 @@ def test_pca_stats_file_replaces_the_statistics(tmp_path, config):
   config.dataset.train_crop = 'random'
   with pytest.raises(ValueError, match='train_crop'):
     ip.Preprocess.from_config(config.dataset)
+
+
+def test_device_normalisation_is_the_host_formula():
+  """((pixels / 255 + shift) - mean) / std, as the host computed it before batches became uint8."""
+  from alexnet_jax import train
+  from alexnet_jax.color_stats import IMAGENET_MEAN, IMAGENET_STD
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
+  shift = rng.normal(0, 0.05, (4, 3)).astype(np.float32)
+  mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+  expected = ((pixels / 255.0 + shift[:, None, None, :]) - mean) / std
+  np.testing.assert_allclose(train.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD, shift), expected,
+                             atol=1e-6)
+  crops = rng.integers(0, 256, (2, 10, 5, 5, 3), dtype=np.uint8)  # ten crops, no lighting
+  np.testing.assert_allclose(train.normalize(crops, IMAGENET_MEAN, IMAGENET_STD),
+                             (crops / 255.0 - mean) / std, atol=1e-6)

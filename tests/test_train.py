@@ -111,22 +111,25 @@ def test_two_processes_train_like_one(single_process, mode):
     assert result['param_sum'] == pytest.approx(one['param_sum'], rel=1e-5)
 
 
-@pytest.mark.parametrize('mode', ['pmap', 'jit'])
-def test_cli_on_eight_devices(tmp_path, digits_dir, mode):
+@pytest.mark.parametrize('mode,prepared', [('pmap', 'True'), ('jit', 'False')])
+def test_cli_on_eight_devices(tmp_path, digits_dir, mode, prepared):
   out = run_cli(tmp_path, digits_dir, '--config.train.num_train_steps=2',
-                f'--config.parallelism={mode}', env=EIGHT_DEVICES)
+                f'--config.parallelism={mode}', f'--config.dataset.prepared={prepared}',
+                env=EIGHT_DEVICES)
   assert out.returncode == 0, out.stderr[-3000:]
   assert [l['step'] for l in read_metrics(tmp_path)] == [2, 2]
 
 
 def test_cli_two_processes_on_localhost(tmp_path, digits_dir):
-  """The README's two-process command, as written there (plus the tiny-run overrides)."""
+  """The README's two-process command, as written there (plus the tiny-run overrides), on
+  prepared data."""
   port = str(20000 + (os.getpid() + 1) % 20000)
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'alexnet_jax.main', '--config=configs/default.py',
        f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
        f'--process_id={i}', f'--config.dataset.data_dir={digits_dir}',
-       '--config.dataset.image_size=63', '--config.train.batch_size=16',
+       '--config.dataset.prepared=True', '--config.dataset.image_size=63',
+       '--config.train.batch_size=16',
        '--config.train.log_every_steps=2', '--config.train.num_train_steps=2'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
@@ -148,8 +151,8 @@ def test_evaluate_counts_every_example_once(config, digits_dir):
   state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
                                    optim.make_plateau(config.optimizer), 63, 0)
   parallel = Parallel('jit', jax.devices()[:1])
-  step = parallel.wrap(functools.partial(train.eval_step, model=model))
   pre = input_pipeline.Preprocess.from_config(config.dataset)
+  step = parallel.wrap(functools.partial(train.eval_step, model=model, mean=pre.mean, std=pre.std))
   result = train.evaluate(step, parallel.put_state(state.params), val, pre, 64, parallel)
   # The untrained model predicts one class for everything: top-1 error = 1 - that class's share.
   assert 0.85 <= result['val_top1_error'] <= 0.95
