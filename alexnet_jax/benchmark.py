@@ -5,13 +5,18 @@
 
 Each case (parallel wrapper, dtype, global batch, model implementation switches) builds the train
 state, wraps `train.train_step` with `parallel.Parallel(mode).wrap(..., donate_state=True)`, puts
-one random batch on the devices once and reuses it; the first call (compilation) and a few warm-up
+one random batch on the devices once and reuses it (uint8 pixels and lighting shifts, as the input
+pipeline sends them: the step normalises them on the device); the first call (compilation) and a few warm-up
 steps are excluded; then `repeats` blocks of `timed_steps` steps are timed up to
 `jax.block_until_ready` and the median block gives img/s. Achieved TFLOP/s counts the model's
 useful work: 3 x 2 x `models.forward_macs` per trained image (forward + backward ~ 3 forwards;
 4.35 GFLOP for the paper model at 224), whatever an implementation executes on top (zeros of the
 'block' kernels, LRN band matrices). Rows are printed and appended to `--json` as they are measured,
 so an interrupted run keeps what it measured. No TensorFlow is imported on this path.
+
+`benchmark.float_batch_baseline`: after the grid, the headline case once more on a float32 batch
+already normalised (what the host sent before batches became uint8), so the table shows what the
+device-side normalisation and lighting cost (the last ratio line).
 """
 
 from __future__ import annotations
@@ -58,18 +63,20 @@ def make_row(*, framework: str, wrapper: str, impl: str, dtype: str, batch_size:
           'compile_s': compile_s, 'device': device, 'num_devices': num_devices, **extra}
 
 
-COLUMNS = ('framework', 'wrapper', 'impl', 'dtype', 'batch', 'img/s', 'ms/step', 'TFLOP/s',
-           '% bf16 peak', 'compile s')
+COLUMNS = ('framework', 'wrapper', 'impl', 'dtype', 'batch', 'input', 'img/s', 'ms/step',
+           'TFLOP/s', '% bf16 peak', 'compile s')
 
 
 def format_row(row: dict[str, Any]) -> str:
   """A markdown table row (`COLUMNS`)."""
   if 'error' in row:
     cells = [row['framework'], row['wrapper'], row['impl'], row['dtype'], str(row['batch_size']),
+             row.get('batch_dtype', 'float32'),
              'failed: ' + row['error'].replace('|', '/').replace('\n', ' '), '', '', '', '']
   else:
     frac = row['peak_fraction']
     cells = [row['framework'], row['wrapper'], row['impl'], row['dtype'], str(row['batch_size']),
+             row.get('batch_dtype', 'float32'),  # rows of earlier versions and torch: float32
              f'{row["images_per_second"]:,.0f}', f'{row["ms_per_step"]:.2f}',
              f'{row["tflops"]:.1f}', 'n/a' if frac is None else f'{100 * frac:.1f}',
              f'{row["compile_s"]:.1f}']
@@ -108,7 +115,23 @@ def ratios(rows: Sequence[dict[str, Any]], batch_size: int = 256) -> list[str]:
                     compiled, 'torch.compile', 2.0))
   out.append(line(f'float32 batch {batch_size}, best JAX', best('jax', 'float32'), eager32,
                   'torch eager float32', 1.5))
-  return out
+  return out + [normalisation_cost(r, rows) for r in rows
+                if r.get('stage') == 'float32 batch' and 'error' not in r]
+
+
+def normalisation_cost(baseline: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+  """What the device-side normalisation and lighting of uint8 batches cost, against the same
+  case on an already-normalised float32 batch."""
+  key = lambda r: (r['framework'], r['wrapper'], r['impl'], r['dtype'], r['batch_size'])
+  same = [r for r in rows if r.get('batch_dtype') == 'uint8' and 'error' not in r
+          and key(r) == key(baseline)]
+  what = (f'uint8 batch normalised and lit on the device ({baseline["wrapper"]}, '
+          f'{baseline["dtype"]}, batch {baseline["batch_size"]})')
+  if not same:
+    return f'{what}: not measured (no uint8 row of that case)'
+  u, f = same[-1]['images_per_second'], baseline['images_per_second']
+  return (f'{what}: {u:,.0f} img/s vs {f:,.0f} img/s on a float32 batch normalised on the host: '
+          f'{100 * (f - u) / f:.1f}% of the step (goal <= 2%)')
 
 
 def impl_name(impls: dict[str, str]) -> str:
@@ -132,7 +155,8 @@ def _safe(read: Callable[[], Any]) -> str:
 
 
 def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size: int,
-            impls: dict[str, str], host_state: train.TrainState) -> dict[str, Any]:
+            impls: dict[str, str], host_state: train.TrainState,
+            batch_dtype: str = 'uint8') -> dict[str, Any]:
   """Times `train.train_step` for one case (see the module docstring)."""
   b = config.benchmark
   case = config.copy_and_resolve_references()
@@ -142,10 +166,15 @@ def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size
   model = train.make_model(case, config.model.num_classes)
   tx = optim.make_optimizer(config.optimizer)
   parallel = Parallel(mode)
-  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx), donate_state=True)
+  d = config.dataset
+  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx, mean=d.mean,
+                                         std=d.std), donate_state=True)
   rng = np.random.default_rng(0)
+  shape = (batch_size, image_size, image_size, 3)
   batch = parallel.put_batch({
-      'image': rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32),
+      'image': (rng.integers(0, 256, shape, dtype=np.uint8) if batch_dtype == 'uint8' else
+                rng.standard_normal(shape, dtype=np.float32)),
+      'shift': rng.normal(0, 0.01, (batch_size, 3)).astype(np.float32),
       'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
       'index': np.arange(batch_size, dtype=np.int32)})
   state = parallel.put_state(host_state)
@@ -171,7 +200,8 @@ def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size
                   compile_s=compile_s, device=device.device_kind if device.platform != 'cpu'
                   else 'cpu', num_devices=parallel.num_devices, jax_version=jax.__version__,
                   matmul_precision=_safe(lambda: jax.config.jax_default_matmul_precision),
-                  image_size=image_size, step_times_ms=[1e3 * t for t in blocks],
+                  image_size=image_size, batch_dtype=batch_dtype,
+                  step_times_ms=[1e3 * t for t in blocks],
                   final_loss=float(parallel.get(metrics)['train_loss']))
 
 
@@ -227,9 +257,9 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[dict[str, Any]], None
   rows = []
   host_state = initial_state(config)
 
-  def attempt(mode, dtype, batch_size, impls, stage):
+  def attempt(mode, dtype, batch_size, impls, stage, batch_dtype='uint8'):
     try:
-      row = measure(config, mode, dtype, batch_size, impls, host_state)
+      row = measure(config, mode, dtype, batch_size, impls, host_state, batch_dtype)
     except Exception as e:  # e.g. out of memory at one batch size: report it, go on
       row = {'framework': 'jax', 'wrapper': mode, 'impl': impl_name(impls), 'dtype': dtype,
              'batch_size': batch_size, 'error': f'{type(e).__name__}: {str(e)[:200]}'}
@@ -250,6 +280,8 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[dict[str, Any]], None
       best, impls = trial, {**impls, field: value}
   for case in cases[1:]:
     attempt(*case, impls, 'grid')
+  if b.get('float_batch_baseline', False):
+    attempt(*cases[0], impls, 'float32 batch', 'float32')
   return rows
 
 

@@ -25,7 +25,6 @@ a run-wide example id that keys the model's dropout masks.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 from typing import Any, Iterator
@@ -335,26 +334,28 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
   dropped); resuming skips the records already consumed before decoding them. `index` is unique
   over the whole run and all processes; it keys the example's augmentation and dropout.
   """
-  first_epoch, offset = divmod(start_step, steps_per_epoch(split, batch_size))
+  steps = steps_per_epoch(split, batch_size)
+  first_epoch, offset = divmod(start_step, steps)
 
-  def epoch(e: int, skip: int) -> tf.data.Dataset:
-    epoch_seed = tf.constant([seed, e], tf.int64)
+  def epoch(e: tf.Tensor) -> tf.data.Dataset:
     ds = split.records.shuffle(min(shuffle_buffer, split.num_examples),
                                seed=(seed * 1_000_003 + e) % 2**31, reshuffle_each_iteration=False)
-    ds = ds.enumerate().skip(skip * batch_size)
+    # Full batches only, so that no batch spans two epochs.
+    ds = ds.enumerate().take(steps * batch_size)
+    ds = ds.skip(tf.where(e == first_epoch, tf.constant(offset * batch_size, tf.int64), 0))
+    return ds.map(lambda i, ex: (e, i, ex))
 
-    def example(i, ex):
-      index = (e * split.num_shards + split.shard) * split.num_examples + i
-      ex_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
-      image, shift = train_image(ex['image'], ex_seed, p, split.stored)
-      return {'image': image, 'shift': shift, 'label': ex['label'],
-              'index': tf.cast(index, tf.int32)}
+  def example(e, i, ex):
+    index = (e * split.num_shards + split.shard) * split.num_examples + i
+    ex_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.constant(seed, tf.int64), e]),
+                                                       index)
+    image, shift = train_image(ex['image'], ex_seed, p, split.stored)
+    return {'image': image, 'shift': shift, 'label': ex['label'], 'index': tf.cast(index, tf.int32)}
 
-    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-  for e in itertools.count(first_epoch):
-    yield from tfds.as_numpy(epoch(e, offset if e == first_epoch else 0))
+  # One pipeline for all epochs: traced once, and the parallel map runs on across epoch ends.
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  yield from tfds.as_numpy(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
 def eval_batches(split: Split, p: Preprocess, batch_size: int,

@@ -1,25 +1,34 @@
-"""Train input pipeline throughput: our tf.data pipeline against a PIL+numpy loop, images/s.
+"""Host input pipeline throughput on ImageNet-shaped photographs, images/s on one core and on all.
 
-    python experiments/pipeline_benchmark.py --path=DIR
-    python experiments/pipeline_benchmark.py --path=/tmp/jpegs --write_synthetic=2000  # makes DIR
+    python experiments/pipeline_benchmark.py --path=/tmp/photos --make_photos=600 \
+        --baseline_rev=e76cae4 --markdown=experiments/results/pipeline_benchmark.md
 
-DIR is any folder of JPEGs (searched recursively; the first --num_files are read into memory, so
-disk speed is not measured). Three measurements, each in a child process pinned to CPU cores with
-sched_setaffinity (TF sizes its thread pools from the affinity mask):
-  tf.data, 1 core    input_pipeline.train_batches with the paper's crop, flips and PCA lighting
-  tf.data, all cores the same, on every core this process may use
-  PIL+numpy, 1 core  the same decode / shorter side 256 / center 256 / random 224 / flip /
-                     lighting / normalise, one image at a time, stacked into batches
-and the ratio of the two one-core figures (the goal is >= 1.5).
+DIR holds JPEGs (searched recursively; the first --num_files are read into memory, so disk speed
+is not measured); `--make_photos=N` first writes N of them: random views of the two photographs
+scikit-learn ships, 500x375 (ImageNet's typical shape), quality 85-95, as
+experiments/make_photo_folder.py does. Every measurement runs in a child process pinned to CPU
+cores with sched_setaffinity (TF sizes its thread pools from the affinity mask), on one core and
+on all of them, with configs/imagenet.py's train preprocessing (224 crops of the 256 square,
+flips, PCA lighting; uint8 batches of 128):
+
+  full-size          input_pipeline.train_batches on the JPEGs as they are (decode, resize, crop)
+  before (REV)       the same, with alexnet_jax/input_pipeline.py as it was at git revision REV
+  prepared JPEG      train_batches on the same images stored as 256x256 quality-95 JPEGs
+                     (datasets/prepared.py's `store`): decode of the crop window, flip, lighting
+  prepared raw       train_batches on the same squares stored as raw uint8: crop, flip, lighting
+  decode ceiling     tf.io.decode_jpeg of the prepared JPEGs and nothing else, batched
+
+and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s).
 """
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -29,36 +38,43 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 _PATH = flags.DEFINE_string('path', None, 'Folder of JPEG files.')
-_NUM_FILES = flags.DEFINE_integer('num_files', 1000, 'JPEGs read into memory (and cycled).')
+_MAKE = flags.DEFINE_integer('make_photos', 0, 'First write this many photo JPEGs into --path.')
+_NUM_FILES = flags.DEFINE_integer('num_files', 600, 'JPEGs read into memory (and cycled).')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timed duration of each measurement.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
-_TRAIN_CROP = flags.DEFINE_enum('train_crop', 'paper', ['paper', 'inception'], 'Crop policy.')
-_WRITE = flags.DEFINE_integer('write_synthetic', 0,
-                              'First write this many synthetic 256x256 JPEGs into --path.')
-_MEASURE = flags.DEFINE_enum('measure', None, ['tf', 'pil'], 'Internal: one measurement.')
+_BASELINE = flags.DEFINE_string('baseline_rev', None, 'Also measure the train pipeline of this '
+                                'git revision (e.g. the one before a change), same run.')
+_FEED = flags.DEFINE_integer('feed', 45_000, 'Target img/s for the "cores to feed" column (one '
+                             'H200 step, experiments/results/gpu_benchmark.md).')
+_MARKDOWN = flags.DEFINE_string('markdown', None, 'Also write the table here.')
+_MEASURE = flags.DEFINE_string('measure', None, 'Internal: one measurement.')
 _CORES = flags.DEFINE_list('cores', None, 'Internal: CPU ids to pin to.')
+_STORE = flags.DEFINE_string('store', None, 'Internal: where the prepared forms are.')
 flags.mark_flag_as_required('path')
 
+KINDS = ('full', 'before', 'jpeg', 'raw', 'ceiling')
+NAMES = {'full': 'full-size JPEGs (train pipeline)', 'jpeg': 'prepared JPEG (train pipeline)',
+         'raw': 'prepared raw (train pipeline)', 'ceiling': 'decode ceiling (prepared JPEGs)'}
 
-def write_synthetic(path: str, n: int) -> None:
-  """Smooth random colour fields with texture: JPEG-compressible like photos, not like noise."""
+
+def make_photos(path: str, n: int) -> None:
   from PIL import Image
+  from sklearn.datasets import load_sample_images
+  from experiments.make_photo_folder import random_view
   rng = np.random.default_rng(0)
   os.makedirs(path, exist_ok=True)
+  photos = [Image.fromarray(p) for p in load_sample_images().images]
   for i in range(n):
-    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    smooth = np.asarray(coarse.resize((256, 256), Image.BICUBIC), np.float32)
-    texture = rng.normal(0, 12, (256, 256, 1))
-    pixels = np.clip(smooth + texture, 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(os.path.join(path, f'{i:05d}.jpg'), quality=90)
+    random_view(photos[i % len(photos)], rng).save(os.path.join(path, f'{i:05d}.jpg'),
+                                                   quality=int(rng.integers(85, 96)))
 
 
 def read_jpegs(path: str, limit: int) -> list[bytes]:
   files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names
                  if n.lower().endswith(('.jpg', '.jpeg')))[:limit]
   if not files:
-    raise ValueError(f'--path={path} holds no .jpg/.jpeg files; point it at a JPEG folder or add '
-                     f'--write_synthetic=2000.')
+    raise app.UsageError(f'--path={path} holds no .jpg/.jpeg files; point it at a JPEG folder or '
+                         f'add --make_photos=600.')
   data = []
   for f in files:
     with open(f, 'rb') as fh:
@@ -66,68 +82,80 @@ def read_jpegs(path: str, limit: int) -> list[bytes]:
   return data
 
 
-def timed(batches, batch_size: int, seconds: float) -> float:
-  """Images/s over `seconds`, after two warm-up batches."""
-  next(batches), next(batches)
-  count, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    next(batches)
-    count += batch_size
-  return count / (time.perf_counter() - start)
+def write_prepared(data: list[bytes], store_dir: str) -> None:
+  """The 256x256 squares of `data` as JPEG bytes and raw uint8 (datasets/prepared.py's store)."""
+  import tensorflow as tf
+  from alexnet_jax.datasets import prepared
+  jpegs = [prepared.store(tf.constant(d), 256, 'jpeg', 95).numpy() for d in data]
+  raw = np.stack([prepared.store(tf.constant(d), 256, 'raw', 0).numpy() for d in data])
+  np.save(os.path.join(store_dir, 'raw.npy'), raw)
+  np.savez(os.path.join(store_dir, 'jpeg.npz'), lengths=[len(j) for j in jpegs],
+           data=np.frombuffer(b''.join(jpegs), np.uint8))
 
 
-def tf_batches(data: list[bytes], batch_size: int, train_crop: str):
+def read_prepared_jpegs(store_dir: str) -> list[bytes]:
+  with np.load(os.path.join(store_dir, 'jpeg.npz')) as f:
+    ends, data = np.cumsum(f['lengths']), f['data'].tobytes()
+    return [data[e - n:e] for e, n in zip(ends, f['lengths'])]
+
+
+def load_module(rev: str):
+  """alexnet_jax/input_pipeline.py as it was at git revision `rev`."""
+  source = subprocess.run(['git', 'show', f'{rev}:alexnet_jax/input_pipeline.py'], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout
+  path = os.path.join(tempfile.mkdtemp(), 'input_pipeline_before.py')
+  with open(path, 'w') as f:
+    f.write(source)
+  spec = importlib.util.spec_from_file_location('input_pipeline_before', path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def batches(kind: str, data: list[bytes], store_dir: str, batch_size: int):
   import tensorflow as tf
   from alexnet_jax import input_pipeline as ip
   from configs import imagenet
-  config = imagenet.get_config().dataset
-  config.train_crop = train_crop
+  if kind == 'ceiling':
+    ds = tf.data.Dataset.from_tensor_slices(read_prepared_jpegs(store_dir)).cache().repeat()
+    ds = ds.map(lambda x: tf.io.decode_jpeg(x, channels=3), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  module = load_module(_BASELINE.value) if kind == 'before' else ip
+  images = {'full': data, 'before': data, 'jpeg': read_prepared_jpegs(store_dir),
+            'raw': np.load(os.path.join(store_dir, 'raw.npy'))}[kind]
   records = tf.data.Dataset.from_tensor_slices(
-      {'image': tf.constant(data), 'label': tf.zeros([len(data)], tf.int64)}).cache()
-  split = ip.Split(records, len(data), 1)
-  return ip.train_batches(split, ip.Preprocess.from_config(config), batch_size, seed=0)
+      {'image': images, 'label': tf.zeros([len(images)], tf.int64)}).cache()
+  stored = {'jpeg': 'jpeg', 'raw': 'raw'}.get(kind)
+  split = (module.Split(records, len(images), 1) if kind == 'before' else
+           ip.Split(records, len(images), 1, stored=stored))
+  pre = module.Preprocess.from_config(imagenet.get_config().dataset)
+  return module.train_batches(split, pre, batch_size, seed=0)
 
 
-def pil_batches(data: list[bytes], batch_size: int):
-  """The paper's train augmentation with PIL and numpy, one image at a time."""
-  from PIL import Image
-  from alexnet_jax import color_stats as cs
-  rng = np.random.default_rng(0)
-  eigval, eigvec = np.array(cs.IMAGENET_EIGVAL), np.array(cs.IMAGENET_EIGVEC)
-  mean, std = np.array(cs.IMAGENET_MEAN, np.float32), np.array(cs.IMAGENET_STD, np.float32)
-  i = 0
-  while True:
-    images = []
-    for _ in range(batch_size):
-      image = Image.open(io.BytesIO(data[i % len(data)])).convert('RGB')
-      i += 1
-      scale = 256 / min(image.size)
-      w, h = max(256, round(image.width * scale)), max(256, round(image.height * scale))
-      image = image.resize((w, h), Image.BILINEAR)
-      left, top = (w - 256) // 2, (h - 256) // 2
-      x = np.asarray(image.crop((left, top, left + 256, top + 256)), np.float32) / 255.0
-      t, l = rng.integers(0, 33, size=2)
-      x = x[t:t + 224, l:l + 224]
-      if rng.random() < 0.5:
-        x = x[:, ::-1]
-      x = x + (eigvec @ (rng.normal(0, 0.1, 3) * eigval)).astype(np.float32)
-      images.append((x - mean) / std)
-    yield np.stack(images)
+def timed(iterator, batch_size: int, seconds: float) -> float:
+  """Images/s over `seconds`, after three warm-up batches."""
+  for _ in range(3):
+    next(iterator)
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    next(iterator)
+    count += batch_size
+  return count / (time.perf_counter() - start)
 
 
 def measure() -> None:
   os.sched_setaffinity(0, {int(c) for c in _CORES.value})
   os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'
   data = read_jpegs(_PATH.value, _NUM_FILES.value)
-  batches = (tf_batches(data, _BATCH.value, _TRAIN_CROP.value) if _MEASURE.value == 'tf' else
-             pil_batches(data, _BATCH.value))
-  print(json.dumps({'images_per_second': timed(batches, _BATCH.value, _SECONDS.value)}))
+  it = batches(_MEASURE.value, data, _STORE.value, _BATCH.value)
+  print(json.dumps({'images_per_second': timed(it, _BATCH.value, _SECONDS.value)}))
 
 
-def run_child(kind: str, cores: list[int]) -> float:
+def run_child(kind: str, cores: list[int], store_dir: str) -> float:
   args = [sys.executable, os.path.abspath(__file__), f'--measure={kind}',
-          f'--cores={",".join(map(str, cores))}'] + [a for a in sys.argv[1:]
-                                                      if not a.startswith('--write_synthetic')]
+          f'--cores={",".join(map(str, cores))}', f'--store={store_dir}'] + [
+              a for a in sys.argv[1:] if not a.startswith(('--make_photos', '--markdown'))]
   out = subprocess.run(args, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(out.stderr[-3000:])
@@ -138,17 +166,42 @@ def main(argv) -> None:
   del argv
   if _MEASURE.value:
     return measure()
-  if _WRITE.value:
-    write_synthetic(_PATH.value, _WRITE.value)
-  read_jpegs(_PATH.value, 1)  # fail early on an empty folder
+  if _MAKE.value:
+    make_photos(_PATH.value, _MAKE.value)
+  data = read_jpegs(_PATH.value, _NUM_FILES.value)
   cores = sorted(os.sched_getaffinity(0))
-  tf_one = run_child('tf', cores[:1])
-  tf_all = run_child('tf', cores)
-  pil_one = run_child('pil', cores[:1])
-  print(f'tf.data train pipeline ({_TRAIN_CROP.value} crop): {tf_one:.0f} images/s on 1 core, '
-        f'{tf_all:.0f} images/s on {len(cores)} cores ({tf_all / len(cores):.0f} per core)')
-  print(f'PIL+numpy loop: {pil_one:.0f} images/s on 1 core')
-  print(f'ratio tf.data / PIL+numpy on 1 core: {tf_one / pil_one:.2f}')
+  kinds = [k for k in KINDS if k != 'before' or _BASELINE.value]
+  with tempfile.TemporaryDirectory() as store_dir:
+    subprocess.run([sys.executable, '-c', f'import sys; sys.path.insert(0, {REPO!r}); '
+                    f'from experiments.pipeline_benchmark import read_jpegs, write_prepared; '
+                    f'write_prepared(read_jpegs({_PATH.value!r}, {_NUM_FILES.value}), '
+                    f'{store_dir!r})'], check=True, capture_output=True)
+    one = {k: run_child(k, cores[:1], store_dir) for k in kinds}
+    every = {k: run_child(k, cores, store_dir) for k in kinds}
+  sizes = [len(d) for d in data]
+  names = {**NAMES, 'before': f'full-size JPEGs, pipeline at {_BASELINE.value}'}
+  lines = [f'{len(data)} JPEGs from {_PATH.value} (mean {np.mean(sizes) / 1e3:.0f} KB), batch '
+           f'{_BATCH.value}, {_SECONDS.value:.0f} s a measurement; {len(cores)} cores.', '',
+           f'| pipeline | img/s, 1 core | img/s, {len(cores)} cores | per core | cores to feed '
+           f'{_FEED.value:,} img/s |', '|---|---|---|---|---|']
+  for k in kinds:
+    per_core = every[k] / len(cores)
+    lines.append(f'| {names[k]} | {one[k]:,.0f} | {every[k]:,.0f} | {per_core:,.0f} | '
+                 f'{_FEED.value / max(one[k], 1e-9):,.0f} |')
+  lines.append('')
+  lines.append(f'prepared JPEG / full-size: {one["jpeg"] / one["full"]:.1f}x on 1 core')
+  if 'before' in one:
+    lines += [f'prepared JPEG / before: {one["jpeg"] / one["before"]:.1f}x on 1 core '
+              f'(goal >= 10x)',
+              f'full-size / before: {one["full"] / one["before"]:.1f}x on 1 core (goal >= 3x)']
+  lines += [f'prepared JPEG / decode ceiling: {one["jpeg"] / one["ceiling"]:.0%} on 1 core '
+            f'(goal >= 70%)',
+            f'prepared raw: {one["raw"]:,.0f} img/s on 1 core (goal >= 8,000)']
+  text = '\n'.join(lines)
+  print(text)
+  if _MARKDOWN.value:
+    with open(_MARKDOWN.value, 'w') as f:
+      f.write(text + '\n')
 
 
 if __name__ == '__main__':

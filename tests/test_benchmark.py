@@ -34,17 +34,22 @@ def test_cli_times_the_train_step_without_tensorflow(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'TENSORFLOW_IMPORTED False' in out.stdout
   rows = [json.loads(line) for line in open(rows_path)]
-  assert [(r['stage'], r['impl']) for r in rows] == [
-      ('baseline', 'group=towers lrn=reduce_window pool=reduce_window conv1=plain'),
-      ('search lrn_impl=shifted', 'group=towers lrn=shifted pool=reduce_window conv1=plain')]
+  stages = [(r['stage'], r['batch_dtype']) for r in rows]
+  assert stages == [('baseline', 'uint8'), ('search lrn_impl=shifted', 'uint8'),
+                    ('float32 batch', 'float32')]
+  assert rows[1]['impl'] == 'group=towers lrn=shifted pool=reduce_window conv1=plain'
+  best = max(rows[:2], key=lambda r: r['images_per_second'])
+  assert rows[2]['impl'] == best['impl']  # the baseline is the winner on a float32 batch
   for r in rows:
     assert r['framework'] == 'jax' and r['wrapper'] == 'jit' and r['batch_size'] == 4
     assert r['images_per_second'] > 0 and r['device'] == 'cpu' and r['peak_fraction'] is None
     assert r['tflops'] == pytest.approx(r['images_per_second'] * r['flop_per_image'] / 1e12)
   table = open(table_path).read()
-  assert table.count('| jax | jit |') == 2
+  assert table.count('| jax | jit |') == 3
   assert ('float32 batch 256, best JAX: not measured (no JAX and no torch eager float32 row)'
           in table)
+  assert 'uint8 batch normalised and lit on the device (jit, float32, batch 4): ' in table
+  assert '% of the step (goal <= 2%)' in table
 
 
 def row(framework, wrapper, dtype, images_per_second, batch_size=256):
@@ -75,7 +80,7 @@ def test_peak_and_achieved_flops():
   assert benchmark.peak_bf16_tflops('NVIDIA H100 PCIe') == 756.0
   assert benchmark.peak_bf16_tflops('NVIDIA H200') == 989.4
   assert benchmark.peak_bf16_tflops('cpu') is None
-  assert '| jax | jit | x | bfloat16 | 256 | 50,000 | 5.12 | 217.5 | 22.0 | 1.0 |' in (
+  assert '| jax | jit | x | bfloat16 | 256 | float32 | 50,000 | 5.12 | 217.5 | 22.0 | 1.0 |' in (
       benchmark.format_table([r]))
 
 

@@ -98,9 +98,6 @@ class Prepared(tfds.core.GeneratorBasedBuilder):
       for i, (image, label) in enumerate(zip(images, labels)):
         yield start + i, {'image': image, 'label': int(label)}
 
-  def _store(self, encoded: tf.Tensor) -> tf.Tensor:
-    square = ip.square_image(encoded, self.size, None)
-    return tf.io.encode_jpeg(square, quality=self.quality) if self.stored == 'jpeg' else square
 
   def _chunks(self, split: str) -> Iterator[tuple[int, list[Any], np.ndarray]]:
     """(first index, images, labels) of every chunk of `split`: finished ones read back, the
@@ -117,7 +114,8 @@ class Prepared(tfds.core.GeneratorBasedBuilder):
       return
     os.makedirs(work, exist_ok=True)
     records = ip.load_split(self.source, split, cache=False).records.skip(start)
-    ds = records.map(lambda ex: (self._store(ex['image']), ex['label']),
+    ds = records.map(lambda ex: (store(ex['image'], self.size, self.stored, self.quality),
+                                 ex['label']),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for made, (images, labels) in enumerate(
         tfds.as_numpy(ds.batch(self.chunk_size).prefetch(1)), 1):
@@ -132,6 +130,12 @@ class Prepared(tfds.core.GeneratorBasedBuilder):
   def _advance(self, n: int) -> None:
     if self.bar is not None:
       self.bar.update(n)
+
+
+def store(encoded: tf.Tensor, size: int, stored: str, quality: int) -> tf.Tensor:
+  """An encoded full-size image → its stored R×R square (R = `size`): JPEG bytes or uint8."""
+  square = ip.square_image(encoded, size, None)
+  return tf.io.encode_jpeg(square, quality=quality) if stored == 'jpeg' else square
 
 
 def _finished_chunks(work: str) -> Iterator[tuple[int, str, int]]:
