@@ -37,3 +37,13 @@ def tiny_config(data_dir: str):
 @pytest.fixture
 def config(digits_dir):
   return tiny_config(digits_dir)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests sharing a module-scoped fixture (a reference run, a converted net) run on one worker
+  (pytest.ini: --dist loadgroup), so it is built once; every other test goes to whichever
+  worker is free."""
+  for item in items:
+    fixtures = item._fixtureinfo.name2fixturedefs.values()
+    if any(defs[-1].scope == 'module' for defs in fixtures):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -120,7 +120,8 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   pre = input_pipeline.Preprocess.from_config(torchvision_config().dataset)
   for i, photo in enumerate(photos):
     image = input_pipeline.eval_image(open(photo, 'rb').read(), pre).numpy()
-    probs = torch.softmax(torch.from_numpy(torch_logits(net, image[None])[0]), -1).numpy()
+    image = train.normalize(image[None], pre.mean, pre.std)
+    probs = torch.softmax(torch.from_numpy(torch_logits(net, image)[0]), -1).numpy()
     assert out[4 * i] == photo
     for line, c in zip(out[4 * i + 1:4 * i + 4], np.argsort(-probs)):
       assert line.split() == [f'{probs[c]:.4f}', CLASSES[c]]
@@ -136,7 +137,8 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   wrong = count = 0
   for batch in input_pipeline.eval_batches(split, pre, 16):
     real = batch['mask'] > 0
-    wrong += np.sum(torch_logits(net, batch['image'][real]).argmax(-1) != batch['label'][real])
+    images = train.normalize(batch['image'][real], pre.mean, pre.std)
+    wrong += np.sum(torch_logits(net, images).argmax(-1) != batch['label'][real])
     count += real.sum()
   assert (result['step'], result['num_examples']) == (0, 9)
   assert result['val_top1_error'] == wrong / count
