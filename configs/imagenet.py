@@ -4,7 +4,9 @@
         --config.dataset.manual_dir=/data/ilsvrc2012 --config.dataset.data_dir=/data/tfds
 
 `manual_dir` holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar; the first run prepares the
-TFDS files in `data_dir`. Paper §5: batch 128, momentum 0.9, weight decay 5e-4, LR 0.01 divided by
+TFDS files in `data_dir`, then stores every image once as the paper's central 256x256 square
+(§2; `dataset.prepared`, README "Prepared data"), which every later run reads. To do that ahead
+of time: python -m alexnet_jax.prepare with the same flags (and no --workdir). Paper §5: batch 128, momentum 0.9, weight decay 5e-4, LR 0.01 divided by
 10 when the validation error stops improving (three times in ~90 epochs), N(0, 0.01) init with
 biases 1; 224 crops of the 256 image, flips, PCA lighting.
 """

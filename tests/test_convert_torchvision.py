@@ -137,8 +137,8 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   wrong = count = 0
   for batch in input_pipeline.eval_batches(split, pre, 16):
     real = batch['mask'] > 0
-    images = train.normalize(batch['image'][real], pre.mean, pre.std)
-    wrong += np.sum(torch_logits(net, images).argmax(-1) != batch['label'][real])
+    normalised = train.normalize(batch['image'][real], pre.mean, pre.std)
+    wrong += np.sum(torch_logits(net, normalised).argmax(-1) != batch['label'][real])
     count += real.sum()
   assert (result['step'], result['num_examples']) == (0, 9)
   assert result['val_top1_error'] == wrong / count

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -287,7 +288,7 @@ def test_nonfinite_skip_counts_and_keeps_params_finite(tmp_path, digits_dir):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
 
 
-ALLOW = '--config.train.allow_config_change=True'
+ALLOWED = 'train.allow_config_change'
 EIGHT = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
 
@@ -296,18 +297,12 @@ EIGHT = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
      "'batch_siz' is not a config field (did you mean 'batch_size'?)"),
     (['--config.train.batch_size=eight'], 'flag --config.train.batch_size=eight: invalid literal'),
     (['--config.train.batch_size=60'], 'train.batch_size=60 does not divide evenly over 8 devices'),
-    (['--config.dataset.name=no_such_set', ALLOW],
-     "dataset.name='no_such_set' is not a TFDS data set"),
-    (['--config.dataset.name=mnist', ALLOW], 'mnist is not prepared in'),
-    (['--config.dataset.name=imagenet2012', ALLOW], 'pass --config.dataset.manual_dir=DIR'),
-    (['--config.model.lrn=False'],
-     'holds a run with a different config (model.lrn: True -> False)'),
-    (['--config.train.on_nonfinite=ignore'], "train.on_nonfinite='ignore' is unknown"),
-    (['--config.train.batch_size=0'], 'train.batch_size=0 must be positive.'),
     (['--config=configs/nope.py'],
      '--config=configs/nope.py is not a file; pass a config such as configs/default.py.'),
 ])
 def test_bad_input_is_one_line_and_leaves_checkpoints(digits_dir, reference, overrides, message):
+  """From the command line: flag errors, and one of the config checks (the rest, in-process, in
+  the test below, raise the ConfigError whose message main prints the same way)."""
   before = steps(reference)
   out = run(reference, digits_dir, '--config.train.num_train_steps=30', *overrides, env=EIGHT)
   assert out.returncode == 1
@@ -316,6 +311,31 @@ def test_bad_input_is_one_line_and_leaves_checkpoints(digits_dir, reference, ove
   assert 'Traceback' not in out.stderr
   assert steps(reference) == before
   assert checkpoint(reference)[0] == 26
+
+
+@pytest.mark.parametrize('changes,message', [
+    ({'dataset.name': 'no_such_set', ALLOWED: True},
+     "dataset.name='no_such_set' is not a TFDS data set"),
+    ({'dataset.name': 'mnist', ALLOWED: True}, 'mnist is not prepared in'),
+    ({'dataset.name': 'imagenet2012', ALLOWED: True}, 'pass --config.dataset.manual_dir=DIR'),
+    ({'model.lrn': False}, 'holds a run with a different config (model.lrn: True -> False)'),
+    ({'train.on_nonfinite': 'ignore'}, "train.on_nonfinite='ignore' is unknown"),
+    ({'train.batch_size': 0}, 'train.batch_size=0 must be positive.'),
+])
+def test_bad_config_is_refused_before_anything_changes(digits_dir, reference, changes, message):
+  from alexnet_jax import train
+  from alexnet_jax.errors import ConfigError
+  from conftest import tiny_config
+  config = tiny_config(digits_dir)  # as SHORT sets it
+  config.dataset.prepared = True
+  config.train.update(batch_size=64, checkpoint_every_steps=4, num_train_steps=30)
+  for field, value in changes.items():
+    section, key = field.split('.')
+    config[section][key] = value
+  before = sizes(reference)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    train.train_and_evaluate(config, str(reference))
+  assert sizes(reference) == before
 
 
 def test_split_smaller_than_a_batch_is_one_line(tmp_path, digits_dir):
