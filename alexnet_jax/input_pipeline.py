@@ -95,23 +95,96 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Shorter side → `size` (bilinear, antialiased), then the central size×size square; uint8.
+def decode_resize_center_crop(encoded: tf.Tensor, size: int) -> tf.Tensor:
+  """Encoded image → shorter side `size` (bilinear, antialiased) → central size×size square; uint8.
 
   Resized pixels are rounded back to 8 bits, as in the paper's stored 256×256 images (and PIL);
-  an image whose shorter side is already `size` is only cropped, which keeps the pipeline fast on
-  pre-resized data sets.
+  an image whose shorter side is already `size` is only cropped, which keeps pre-resized data
+  sets fast. Only the central square is resampled, and a JPEG decodes only the window that square
+  reads. A JPEG whose shorter side is at least 4·`size` is decoded at half size by the IDCT:
+  close to, not equal to, a full-resolution resize (experiments/resize_benchmark.py).
+
+  Few graph nodes, as in tf.data each one costs time, up to ~10 µs once large images have
+  churned the heap, taken branch or not.
   """
-  shape = tf.shape(image)[:2]
+  is_jpeg = tf.io.is_jpeg(encoded)
+  jpeg_hw = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+                    lambda: tf.ones([2], tf.int32))  # other formats: known once decoded
+  window = _window(jpeg_hw, size)
 
-  def resize():
-    hw = tf.cast(shape, tf.float32)
-    new_hw = tf.cast(tf.math.ceil(hw * (size / tf.reduce_min(hw)) - 1e-3), tf.int32)
-    resized = tf.image.resize(image, tf.maximum(new_hw, size), method='bilinear', antialias=True)
-    return tf.saturate_cast(tf.round(resized), tf.uint8)
+  def other() -> tuple[tf.Tensor, ...]:
+    image = decode(encoded)
+    return image, tf.zeros([2], tf.int32), tf.shape(image)[:2], tf.constant(1.0)
 
-  image = tf.cond(tf.reduce_min(shape) == size, lambda: image, resize)
-  return center_crop(image, size)
+  # Pixels, the position of their first one, the image's [H, W], and the IDCT's scale-down.
+  pixels, begin, hw, ratio = tf.switch_case(
+      tf.where(is_jpeg, tf.cast(tf.reduce_min(jpeg_hw) >= 4 * size, tf.int32), 2),
+      [lambda: (tf.image.decode_and_crop_jpeg(encoded, window, channels=3), window[:2], jpeg_hw,
+                tf.constant(1.0)),
+       lambda: (tf.io.decode_jpeg(encoded, channels=3, ratio=2), tf.zeros([2], tf.int32), jpeg_hw,
+                tf.constant(2.0)),
+       other])
+  new_hw = _resized_shape(hw, size)
+  offset = (new_hw - size) // 2
+  # ScaleAndTranslate's, as tf.image.resize passes it: output pixels per input pixel.
+  scale = tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32) * ratio
+  translation = tf.cast(begin, tf.float32) * scale - tf.cast(offset, tf.float32)
+  shorter = tf.reduce_min(hw)
+  image = tf.switch_case(tf.where(shorter == size, 0, tf.where(shorter < 2 * size, 1, 2)), [
+      lambda: tf.slice(pixels, tf.concat([offset - begin, [0]], 0), [size, size, 3]),
+      lambda: _resample_by_rows(pixels, scale, translation, size),
+      lambda: _resample(pixels, scale, translation, size)])
+  image.set_shape([size, size, 3])
+  return image
+
+
+def _resized_shape(hw: tf.Tensor, size: int) -> tf.Tensor:
+  """[H, W] with the shorter side scaled to `size` and the longer rounded up."""
+  hw = tf.cast(hw, tf.float32)
+  return tf.maximum(tf.cast(tf.math.ceil(hw * (size / tf.reduce_min(hw)) - 1e-3), tf.int32), size)
+
+
+def _window(hw: tf.Tensor, size: int) -> tf.Tensor:
+  """[top, left, height, width] of the pixels of an [H, W] image that the central size×size
+  square of its resize reads. The antialiased triangle kernel reaches max(1, 1/scale) ≤ 1 +
+  1/scale pixels either side of a sample; one pixel more for rounding and one because the JPEG
+  decoder's chroma upsampling differs at a window's edge."""
+  new_hw = _resized_shape(hw, size)
+  inverse = tf.cast(hw, tf.float32) / tf.cast(new_hw, tf.float32)
+  edges = (tf.cast((new_hw - size) // 2, tf.float32) + [[-1.0], [size + 1.0]]) * inverse
+  begin = tf.maximum(tf.cast(tf.floor(edges[0]), tf.int32) - 3, 0)
+  return tf.concat([begin, tf.minimum(tf.cast(tf.math.ceil(edges[1]), tf.int32) + 3, hw) - begin], 0)
+
+
+def _resample(pixels: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor,
+              size: int) -> tf.Tensor:
+  """The size×size ScaleAndTranslate (triangle kernel, antialiased: what tf.image.resize runs)
+  of [H, W, 3] uint8 `pixels`, rounded to uint8."""
+  resized = tf.raw_ops.ScaleAndTranslate(
+      images=pixels[None], size=[size, size], scale=scale, translation=translation,
+      kernel_type='triangle', antialias=True)[0]
+  return tf.cast(tf.round(resized), tf.uint8)  # a weighted mean of uint8s: no clipping needed
+
+
+def _resample_by_rows(pixels: tf.Tensor, scale: tf.Tensor, translation: tf.Tensor,
+                      size: int) -> tf.Tensor:
+  """`_resample` in about half the time on pixels under 2·size a side: both passes are
+  ScaleAndTranslate's vectorised row pass (whole rows as the channels of a 1-pixel-wide image),
+  not its column pass, which loops over each pixel's 3 channels. The same sums in the same order,
+  so the same result. Its float temporaries are three times as large, though, which made it the
+  slower one on larger pixels (page faults)."""
+  scale, translation = tf.stack([scale, [1.0, 1.0]], 1), tf.stack([translation, [0.0, 0.0]], 1)
+  rows = tf.reshape(pixels, tf.concat([[1], tf.shape(pixels)[:1], [1, -1]], 0))
+  rows = tf.raw_ops.ScaleAndTranslate(images=rows, size=[size, 1], scale=scale[0],
+                                      translation=translation[0], kernel_type='triangle',
+                                      antialias=True)
+  # [y, (x, channel)] → [x, (channel, y)]; 2-D transposes are the fast ones.
+  by_column = tf.reshape(tf.transpose(tf.reshape(rows, [size, -1])), [1, -1, 1, 3 * size])
+  square = tf.raw_ops.ScaleAndTranslate(images=by_column, size=[size, 1], scale=scale[1],
+                                        translation=translation[1], kernel_type='triangle',
+                                        antialias=True)
+  square = tf.cast(tf.round(tf.reshape(square, [size * 3, size])), tf.uint8)
+  return tf.reshape(tf.transpose(square), [size, size, 3])
 
 
 def lighting_shift(seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
@@ -135,7 +208,7 @@ def square_image(image: tf.Tensor, size: int, stored: str | None) -> tf.Tensor:
     square = tf.io.decode_jpeg(image, channels=3)
     square.set_shape([size, size, 3])
     return square
-  return resize_and_center_crop(decode(image), size)
+  return decode_resize_center_crop(image, size)
 
 
 def crop_offsets(seed: tf.Tensor, size: int, crop: int) -> tuple[tf.Tensor, tf.Tensor]:

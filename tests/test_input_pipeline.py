@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -69,22 +70,55 @@ def preprocess(**kw):
   return ip.Preprocess(**{**base, **kw})
 
 
-def test_resize_shorter_side_and_center_crop():
-  encoded, _ = encoded_test_image(40, 60)
-  out = ip.resize_and_center_crop(ip.decode(encoded), 32)
-  assert out.shape == (32, 32, 3)
-  full = tf.image.resize(ip.decode(encoded), [32, 48], antialias=True)
-  assert out.dtype == tf.uint8  # rounded back to 8 bits, like stored images
-  np.testing.assert_array_equal(out, np.round(full[:, 8:40]))
-  # Already at the size: only cropped, never resampled.
-  out = ip.resize_and_center_crop(ip.decode(encoded), 40)
-  np.testing.assert_array_equal(out, ip.decode(encoded)[:, 10:50])
+def photo_like(h, w, channels=3):
+  """Smooth colour blobs with fine texture: compresses like a photo, unlike noise."""
+  rng = np.random.default_rng(0)
+  coarse = rng.uniform(0, 255, (4, 5, channels)).astype(np.float32)
+  smooth = tf.image.resize(coarse, [h, w], method='bicubic').numpy()
+  return np.clip(smooth + rng.normal(0, 8, (h, w, channels)), 0, 255).astype(np.uint8)
+
+
+def resized_then_cropped(image, size):
+  """The definition: shorter side → size (antialiased bilinear, rounded), then the central square."""
+  h, w = image.shape[:2]
+  new_h, new_w = (max(size, math.ceil(n * size / min(h, w) - 1e-3)) for n in (h, w))
+  full = np.round(tf.image.resize(image, [new_h, new_w], antialias=True).numpy())
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return full[top:top + size, left:left + size].astype(np.int32)
+
+
+@pytest.mark.parametrize('shape,fmt,max_diff,mean_diff', [
+    ((75, 100), 'jpeg', 1, 0.01),  # > 2R: only the central window decoded and resampled
+    ((20, 30), 'jpeg', 1, 0.01),  # < R: upscaled
+    ((45, 60), 'gray-png', 1, 0.01),  # other formats decode whole; gray becomes RGB
+    ((140, 190), 'jpeg', 6, 1.0),  # >= 4R: decoded at half scale by the IDCT, then resized
+])
+def test_decode_resize_center_crop_is_the_resized_center(shape, fmt, max_diff, mean_diff):
+  """Rounding can land 1 apart (sums in another order); the reduced-scale IDCT filters a bit
+  differently from the full-resolution triangle kernel."""
+  size = 32
+  image = photo_like(*shape, channels=1 if fmt == 'gray-png' else 3)
+  encoded = tf.io.encode_png(image) if fmt == 'gray-png' else tf.io.encode_jpeg(image, quality=90)
+  out = ip.decode_resize_center_crop(encoded, size)
+  assert out.shape == (size, size, 3) and out.dtype == tf.uint8
+  diff = np.abs(out.numpy() - resized_then_cropped(ip.decode(encoded).numpy(), size))
+  assert diff.max() <= max_diff and diff.mean() <= mean_diff, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize('shape,fmt', [((32, 64), 'jpeg'), ((50, 32), 'png')])
+def test_shorter_side_at_the_size_is_only_cropped(shape, fmt):
+  """(32, 64): the JPEG window starts on a block boundary, where a windowed decode differs."""
+  image = photo_like(*shape)
+  encoded = tf.io.encode_png(image) if fmt == 'png' else tf.io.encode_jpeg(image, quality=90)
+  top, left = (shape[0] - 32) // 2, (shape[1] - 32) // 2
+  np.testing.assert_array_equal(ip.decode_resize_center_crop(encoded, 32),
+                                ip.decode(encoded)[top:top + 32, left:left + 32])
 
 
 def test_random_crop_is_a_window_and_flip_a_mirror():
   encoded, _ = encoded_test_image()
   p = preprocess()
-  big = ip.resize_and_center_crop(ip.decode(encoded), p.resize_size)
+  big = ip.decode_resize_center_crop(encoded, p.resize_size)
   windows = {(i, j): big[i:i + 28, j:j + 28] for i in range(5) for j in range(5)}
   flips = 0
   for s in range(20):
@@ -157,7 +191,7 @@ def test_inception_crop_is_a_resized_window_of_the_image():
 def test_ten_crops_are_the_corners_center_and_mirrors():
   encoded, _ = encoded_test_image(40, 60)
   p = preprocess(image_size=28)  # R = 32
-  big = ip.resize_and_center_crop(ip.decode(encoded), 32).numpy()
+  big = ip.decode_resize_center_crop(encoded, 32).numpy()
   five = [big[:28, :28], big[:28, 4:], big[4:, :28], big[4:, 4:], big[2:30, 2:30]]
   expected = np.stack(five + [c[:, ::-1] for c in five])
   np.testing.assert_array_equal(ip.eval_image(encoded, p, crops=10), expected)
