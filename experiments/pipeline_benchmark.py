@@ -133,15 +133,17 @@ def batches(kind: str, data: list[bytes], store_dir: str, batch_size: int):
   return module.train_batches(split, pre, batch_size, seed=0)
 
 
-def timed(iterator, batch_size: int, seconds: float) -> float:
-  """Images/s over `seconds`, after three warm-up batches."""
+def timed(iterator, batch_size: int, seconds: float) -> dict[str, float]:
+  """Images per second of wall-clock time and per second of this process's CPU time (all its
+  threads) over `seconds`, after three warm-up batches."""
   for _ in range(3):
     next(iterator)
-  count, start = 0, time.perf_counter()
+  count, start, cpu = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     next(iterator)
     count += batch_size
-  return count / (time.perf_counter() - start)
+  return {'wall': count / (time.perf_counter() - start),
+          'cpu': count / (time.process_time() - cpu)}
 
 
 def measure() -> None:
@@ -149,17 +151,17 @@ def measure() -> None:
   os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'
   data = read_jpegs(_PATH.value, _NUM_FILES.value)
   it = batches(_MEASURE.value, data, _STORE.value, _BATCH.value)
-  print(json.dumps({'images_per_second': timed(it, _BATCH.value, _SECONDS.value)}))
+  print(json.dumps(timed(it, _BATCH.value, _SECONDS.value)))
 
 
-def run_child(kind: str, cores: list[int], store_dir: str) -> float:
+def run_child(kind: str, cores: list[int], store_dir: str) -> dict[str, float]:
   args = [sys.executable, os.path.abspath(__file__), f'--measure={kind}',
           f'--cores={",".join(map(str, cores))}', f'--store={store_dir}'] + [
               a for a in sys.argv[1:] if not a.startswith(('--make_photos', '--markdown'))]
   out = subprocess.run(args, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(out.stderr[-3000:])
-  return json.loads(out.stdout.strip().splitlines()[-1])['images_per_second']
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv) -> None:
@@ -181,13 +183,17 @@ def main(argv) -> None:
   sizes = [len(d) for d in data]
   names = {**NAMES, 'before': f'full-size JPEGs, pipeline at {_BASELINE.value}'}
   lines = [f'{len(data)} JPEGs from {_PATH.value} (mean {np.mean(sizes) / 1e3:.0f} KB), batch '
-           f'{_BATCH.value}, {_SECONDS.value:.0f} s a measurement; {len(cores)} cores.', '',
+           f'{_BATCH.value}, {_SECONDS.value:.0f} s a measurement; {len(cores)} cores. One core: '
+           f'images per second of the process\'s CPU time (what an idle core does; wall-clock '
+           f'img/s in brackets, lower when the core is shared). All cores: wall-clock img/s.', '',
            f'| pipeline | img/s, 1 core | img/s, {len(cores)} cores | per core | cores to feed '
            f'{_FEED.value:,} img/s |', '|---|---|---|---|---|']
   for k in kinds:
-    per_core = every[k] / len(cores)
-    lines.append(f'| {names[k]} | {one[k]:,.0f} | {every[k]:,.0f} | {per_core:,.0f} | '
-                 f'{_FEED.value / max(one[k], 1e-9):,.0f} |')
+    per_core = every[k]['wall'] / len(cores)
+    lines.append(f'| {names[k]} | {one[k]["cpu"]:,.0f} ({one[k]["wall"]:,.0f}) | '
+                 f'{every[k]["wall"]:,.0f} | {per_core:,.0f} | '
+                 f'{_FEED.value / one[k]["cpu"]:,.0f} |')
+  one = {k: v['cpu'] for k, v in one.items()}
   lines.append('')
   lines.append(f'prepared JPEG / full-size: {one["jpeg"] / one["full"]:.1f}x on 1 core')
   if 'before' in one:
