@@ -16,10 +16,11 @@ Batches leave the host as uint8 (a quarter of float32's bytes); the lighting shi
 per-channel normalisation are arithmetic the train and eval steps do on the device
 (`train.normalize`).
 
-Randomness is stateless and keyed by (seed, epoch, position in the epoch), so the stream is a pure
-function of the seed: a run resumed at step t sees exactly the batches it would have seen, and the
-augmentation of an example does not depend on the device count. Every train batch carries `index`,
-a run-wide example id that keys the model's dropout masks.
+Randomness is stateless and keyed by (seed, run-wide example index), and the index by (epoch,
+process, position in the epoch), so the stream is a pure function of the seed: a run resumed at
+step t sees exactly the batches it would have seen, and the augmentation of an example does not
+depend on the device count. Every train batch carries `index`, which also keys the model's dropout
+masks.
 """
 
 from __future__ import annotations
@@ -187,15 +188,6 @@ def _resample_by_rows(pixels: tf.Tensor, scale: tf.Tensor, translation: tf.Tenso
   return tf.reshape(tf.transpose(square), [size, size, 3])
 
 
-def lighting_shift(seed: tf.Tensor, p: Preprocess) -> tf.Tensor:
-  """eigvec @ (alpha * eigval), alpha ~ N(0, std) per image: the RGB shift of §4.1, [3]; zeros
-  with lighting off. Added to the pixels (in [0, 1]) on the device."""
-  if p.lighting_std <= 0:
-    return tf.zeros([3], tf.float32)
-  alpha = tf.random.stateless_normal([3], seed=seed, stddev=p.lighting_std)
-  return tf.linalg.matvec(tf.constant(p.eigvec, tf.float32), alpha * tf.constant(p.eigval))
-
-
 STORED_FORMS = ('jpeg', 'raw')  # how a prepared set holds its R×R squares
 
 
@@ -211,11 +203,45 @@ def square_image(image: tf.Tensor, size: int, stored: str | None) -> tf.Tensor:
   return decode_resize_center_crop(image, size)
 
 
-def crop_offsets(seed: tf.Tensor, size: int, crop: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """(top, left) of a random crop×crop window of a size×size image: the draw
-  `tf.image.stateless_random_crop` makes, so prepared and full-size sources crop alike."""
-  offsets = tf.random.stateless_uniform([3], seed=seed, maxval=tf.int32.max, dtype=tf.int32)
-  return offsets[0] % (size - crop + 1), offsets[1] % (size - crop + 1)
+def augmentation_draws(first: tf.Tensor, count: tf.Tensor, seed: int,
+                       p: Preprocess) -> dict[str, tf.Tensor]:
+  """The random choices for the examples with run-wide indices first, first+1, ..., first+count-1.
+
+  Example i's choices are Philox's output at counter i under a key made from `seed` (one stream
+  for the crop and flip, one for the lighting), so they are a pure function of (seed, i), however
+  the examples are grouped; drawing them for a whole batch in a few ops, not per example, is
+  what keeps the host's per-image cost near the decode's. Returns, each with `count` rows:
+  'index' int64; 'top', 'left' (int32) of a random S×S window of the R×R square; 'flip' (bool);
+  'window_seed' (int64 [2], the seed of an inception window); 'shift' (float32 [3]), the RGB
+  lighting shift eigvec @ (alpha * eigval), alpha ~ N(0, lighting_std²) per image (§4.1), added
+  to the pixels in [0, 1] on the device (zeros with lighting off).
+  """
+  index = first + tf.range(tf.cast(count, tf.int64))
+  shape = tf.stack([tf.cast(count, tf.int32), 4])
+  counter = tf.stack([tf.cast(first, tf.uint64), tf.constant(0, tf.uint64)])
+  bits = tf.raw_ops.StatelessRandomUniformFullIntV2(shape=shape, key=_philox_key(seed, 0),
+                                                    counter=counter, alg=_PHILOX, dtype=tf.uint32)
+  span = tf.constant(p.resize_size - p.image_size + 1, tf.uint32)
+  draws = {'index': index, 'top': tf.cast(bits[:, 0] % span, tf.int32),
+           'left': tf.cast(bits[:, 1] % span, tf.int32), 'flip': bits[:, 2] >= 2**31,
+           'window_seed': tf.cast(bits[:, 2:], tf.int64)}
+  if p.lighting_std > 0:
+    alpha = tf.raw_ops.StatelessRandomNormalV2(shape=shape, key=_philox_key(seed, 1),
+                                               counter=counter, alg=_PHILOX, dtype=tf.float32)
+    alpha = alpha * p.lighting_std
+    basis = np.asarray(p.eigvec, np.float32) * np.asarray(p.eigval, np.float32)  # V diag(λ)
+    # V diag(λ) alpha as elementwise sums: a matmul's result would depend on the batch's shape.
+    draws['shift'] = sum(alpha[:, j:j + 1] * basis[:, j] for j in range(3))
+  else:
+    draws['shift'] = tf.zeros([count, 3], tf.float32)
+  return draws
+
+
+_PHILOX = 1  # tf.random.Algorithm.PHILOX
+
+
+def _philox_key(seed: int, stream: int) -> tf.Tensor:
+  return tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.constant([seed, stream], tf.int64))[0]
 
 
 def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
@@ -245,24 +271,23 @@ def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
   return tf.saturate_cast(tf.round(resized), tf.uint8)
 
 
-def train_image(image: tf.Tensor, seed: tf.Tensor, p: Preprocess,
-                stored: str | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-  """One training example as (uint8 [S, S, 3], lighting shift [3]); `seed` (shape [2], int64)
-  fixes its crop, flip and lighting. A prepared JPEG decodes only the crop window."""
-  seeds = tf.random.experimental.stateless_split(seed, 3)
+def train_image(image: tf.Tensor, draws: dict[str, tf.Tensor], p: Preprocess,
+                stored: str | None = None) -> tf.Tensor:
+  """One training example's uint8 [S, S, 3] pixels, cropped and flipped as one row of
+  `augmentation_draws` says. A prepared JPEG decodes only the crop window."""
   size, crop = p.resize_size, p.image_size
   if p.train_crop == 'inception':
-    image = inception_crop(image, seeds[0], crop)
+    image = inception_crop(image, draws['window_seed'], crop)
   else:
-    top, left = crop_offsets(seeds[0], size, crop)
+    top, left = draws['top'], draws['left']
     if stored == 'jpeg':
       image = tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, crop, crop]), channels=3)
     else:
       image = square_image(image, size, stored)[top:top + crop, left:left + crop, :]
-    image.set_shape([crop, crop, 3])
   if p.flip:
-    image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
-  return image, lighting_shift(seeds[2], p)
+    image = tf.cond(draws['flip'], lambda: tf.reverse(image, [1]), lambda: image)
+  image.set_shape([crop, crop, 3])
+  return image
 
 
 def eval_image(image: tf.Tensor, p: Preprocess, crops: int = 1,
@@ -411,19 +436,20 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
   first_epoch, offset = divmod(start_step, steps)
 
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
-    ds = split.records.shuffle(min(shuffle_buffer, split.num_examples),
-                               seed=(seed * 1_000_003 + e) % 2**31, reshuffle_each_iteration=False)
-    # Full batches only, so that no batch spans two epochs.
-    ds = ds.enumerate().take(steps * batch_size)
-    ds = ds.skip(tf.where(e == first_epoch, tf.constant(offset * batch_size, tf.int64), 0))
-    return ds.map(lambda i, ex: (e, i, ex))
+    # Full batches only, so that no batch spans two epochs; resuming skips records undecoded.
+    skip = tf.where(e == first_epoch, tf.constant(offset * batch_size, tf.int64), 0)
+    records = split.records.shuffle(min(shuffle_buffer, split.num_examples),
+                                    seed=(seed * 1_000_003 + e) % 2**31,
+                                    reshuffle_each_iteration=False)
+    records = records.take(steps * batch_size).skip(skip)
+    first = (e * split.num_shards + split.shard) * split.num_examples  # the epoch's index 0
+    draws = tf.data.Dataset.range(skip, steps * batch_size).batch(batch_size).map(
+        lambda i: augmentation_draws(first + i[0], tf.size(i), seed, p)).unbatch()
+    return tf.data.Dataset.zip(records, draws)
 
-  def example(e, i, ex):
-    index = (e * split.num_shards + split.shard) * split.num_examples + i
-    ex_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.constant(seed, tf.int64), e]),
-                                                       index)
-    image, shift = train_image(ex['image'], ex_seed, p, split.stored)
-    return {'image': image, 'shift': shift, 'label': ex['label'], 'index': tf.cast(index, tf.int32)}
+  def example(ex: dict[str, tf.Tensor], draws: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return {'image': train_image(ex['image'], draws, p, split.stored), 'shift': draws['shift'],
+            'label': ex['label'], 'index': tf.cast(draws['index'], tf.int32)}
 
   # One pipeline for all epochs: traced once, and the parallel map runs on across epoch ends.
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)

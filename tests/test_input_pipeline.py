@@ -115,38 +115,61 @@ def test_shorter_side_at_the_size_is_only_cropped(shape, fmt):
                                 ip.decode(encoded)[top:top + 32, left:left + 32])
 
 
+def draws(first, count=1, p=None, seed=0):
+  return ip.augmentation_draws(tf.constant(first, tf.int64), count, seed, p or preprocess())
+
+
+def row(d, k=0):
+  return {key: value[k] for key, value in d.items()}
+
+
+def test_draws_depend_only_on_seed_and_index():
+  """However examples are grouped into batches (resume, device count), each gets the same draw."""
+  p = preprocess(lighting_std=0.1)
+  block = draws(1000, 64, p)
+  np.testing.assert_array_equal(block['index'], np.arange(1000, 1064))
+  for k in (0, 1, 37, 63):
+    alone = draws(1000 + k, 1, p)
+    for key in block:
+      np.testing.assert_array_equal(block[key][k], alone[key][0])
+  other_seed = draws(1000, 64, p, seed=1)
+  assert not np.array_equal(block['top'], other_seed['top'])
+  assert not np.array_equal(block['shift'], other_seed['shift'])
+  # Offsets cover the R - S + 1 = 5 positions; about half the images are flipped.
+  many = draws(0, 4000, p)
+  assert set(many['top'].numpy()) == set(range(5)) == set(many['left'].numpy())
+  assert 1800 < int(tf.reduce_sum(tf.cast(many['flip'], tf.int32))) < 2200
+
+
 def test_random_crop_is_a_window_and_flip_a_mirror():
   encoded, _ = encoded_test_image()
   p = preprocess()
-  big = ip.decode_resize_center_crop(encoded, p.resize_size)
-  windows = {(i, j): big[i:i + 28, j:j + 28] for i in range(5) for j in range(5)}
+  big = ip.decode_resize_center_crop(encoded, p.resize_size).numpy()
   flips = 0
-  for s in range(20):
-    seed = tf.constant([s, 1], tf.int64)
-    plain = ip.train_image(encoded, seed, p)[0].numpy()
-    # tf.image's own random crop draws the same window.
-    crop_seed = tf.random.experimental.stateless_split(seed, 3)[0]
-    np.testing.assert_array_equal(plain, tf.image.stateless_random_crop(big, [28, 28, 3],
-                                                                        crop_seed))
-    assert any(np.array_equal(plain, w) for w in windows.values())
-    flipped = ip.train_image(encoded, seed, preprocess(flip=True))[0].numpy()
-    if not np.array_equal(flipped, plain):
-      np.testing.assert_array_equal(flipped, plain[:, ::-1])
-      flips += 1
+  for i in range(20):
+    d = row(draws(i))
+    top, left = int(d['top']), int(d['left'])
+    plain = ip.train_image(encoded, d, p).numpy()
+    np.testing.assert_array_equal(plain, big[top:top + 28, left:left + 28])
+    flipped = ip.train_image(encoded, d, preprocess(flip=True)).numpy()
+    np.testing.assert_array_equal(flipped, plain[:, ::-1] if d['flip'] else plain)
+    flips += int(d['flip'])
   assert 3 <= flips <= 17
 
 
-def test_lighting_is_eigvec_times_scaled_alpha():
+def test_lighting_is_a_shift_along_the_scaled_eigenvectors():
+  """shift = V (alpha * lambda): no shift with lighting off, and alpha scales with lighting_std."""
   encoded, _ = encoded_test_image()
-  seed = tf.constant([7, 7], tf.int64)
-  plain, no_shift = ip.train_image(encoded, seed, preprocess())
-  lit, shift = ip.train_image(encoded, seed, preprocess(lighting_std=0.1))
-  np.testing.assert_array_equal(plain, lit)  # the pixels stay uint8; the shift is added on device
-  np.testing.assert_array_equal(no_shift, np.zeros(3))
-  alpha_seed = tf.random.experimental.stateless_split(seed, 3)[2]
-  alpha = tf.random.stateless_normal([3], seed=alpha_seed, stddev=0.1).numpy()
-  expected = np.array(IMAGENET_EIGVEC) @ (alpha * np.array(IMAGENET_EIGVAL))
-  np.testing.assert_allclose(shift, expected, rtol=1e-4, atol=1e-7)
+  d = row(draws(7, p=preprocess()))
+  np.testing.assert_array_equal(d['shift'], np.zeros(3))
+  lit, brighter = row(draws(7, p=preprocess(lighting_std=0.1))), row(draws(7, p=preprocess(lighting_std=0.2)))
+  np.testing.assert_array_equal(ip.train_image(encoded, d, preprocess()),
+                                ip.train_image(encoded, lit, preprocess(lighting_std=0.1)))
+  basis = np.array(IMAGENET_EIGVEC) * np.array(IMAGENET_EIGVAL)
+  alpha = np.linalg.solve(basis, lit['shift'].numpy())
+  np.testing.assert_allclose(np.linalg.solve(basis, brighter['shift'].numpy()), 2 * alpha,
+                             rtol=1e-4)
+  assert 1e-3 < np.abs(alpha).max() < 0.5
 
 
 def test_unknown_split_is_a_clear_error(config):
@@ -162,9 +185,9 @@ def test_tiny_and_extreme_images_give_full_crops(train_crop, shape, fmt):
   gray = rng.integers(0, 256, size=shape + (1,), dtype=np.uint8)  # single channel
   encoded = tf.io.encode_png(gray) if fmt == 'png' else tf.io.encode_jpeg(gray)
   p = preprocess(train_crop=train_crop, flip=True, lighting_std=0.1)
-  for s in range(3):
-    image, shift = ip.train_image(encoded, tf.constant([s, 0], tf.int64), p)
-    assert image.shape == (28, 28, 3) and image.dtype == tf.uint8 and shift.shape == (3,)
+  for i in range(3):
+    image = ip.train_image(encoded, row(draws(i, p=p)), p)
+    assert image.shape == (28, 28, 3) and image.dtype == tf.uint8
   assert ip.eval_image(encoded, p, crops=10).shape == (10, 28, 28, 3)
 
 
@@ -173,18 +196,17 @@ def test_inception_crop_is_a_resized_window_of_the_image():
   decoded = ip.decode(encoded).numpy().astype(np.float32)
   p = preprocess(train_crop='inception', image_size=16)
   sizes = set()
-  for s in range(10):
-    seed = tf.constant([s, 2], tf.int64)
-    crop_seed = tf.random.experimental.stateless_split(seed, 3)[0]
+  for i in range(10):
+    d = row(draws(i, p=p))
     begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-        [60, 80, 3], tf.zeros([1, 0, 4]), seed=crop_seed, min_object_covered=0.0,
+        [60, 80, 3], tf.zeros([1, 0, 4]), seed=d['window_seed'], min_object_covered=0.0,
         aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     (t, l, _), (h, w, _) = begin.numpy(), extent.numpy()
     assert 0.08 * 4800 <= h * w <= 4800
     sizes.add((h, w))
     expected = tf.image.resize(decoded[t:t + h, l:l + w], [16, 16], antialias=True).numpy()
-    np.testing.assert_allclose(ip.train_image(encoded, seed, p)[0], expected, atol=0.5 + 1e-3)
+    np.testing.assert_allclose(ip.train_image(encoded, d, p), expected, atol=0.5 + 1e-3)
   assert len(sizes) > 5  # the window really is random
 
 
@@ -203,9 +225,7 @@ def test_lighting_noise_has_the_pca_covariance():
   N(0, sigma^2 I), i.e. Cov(shift) = sigma^2 V diag(lambda^2) V^T."""
   sigma = 0.1
   p = preprocess(lighting_std=sigma)
-  seeds = tf.data.Dataset.range(20_000).map(lambda i: tf.stack([i, 5]))
-  shifts = np.stack(list(seeds.map(lambda s: ip.lighting_shift(s, p)).batch(5000)
-                         .as_numpy_iterator())).reshape(-1, 3).astype(np.float64)
+  shifts = draws(0, 20_000, p)['shift'].numpy().astype(np.float64)
   basis = np.array(IMAGENET_EIGVEC) * np.array(IMAGENET_EIGVAL)
   alpha = np.linalg.solve(basis, shifts.T).T
   np.testing.assert_allclose(np.cov(alpha.T) / sigma**2, np.eye(3), atol=0.04)

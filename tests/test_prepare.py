@@ -69,13 +69,11 @@ def test_a_jpeg_crop_window_decodes_like_the_whole_square(digits_dir):
   data = ip.load_split(ip.get_builder(config.dataset), 'train', cache=False)
   pre = ip.Preprocess.from_config(config.dataset)
   for i, ex in enumerate(data.records.take(8)):
-    seed = tf.constant([i, 4], tf.int64)
-    image, _ = ip.train_image(ex['image'], seed, pre, 'jpeg')
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    square = ip.square_image(ex['image'], 72, 'jpeg')
-    expected = tf.image.stateless_random_flip_left_right(
-        tf.image.stateless_random_crop(square, [63, 63, 3], seeds[0]), seeds[1])
-    np.testing.assert_array_equal(image, expected)
+    d = {k: v[0] for k, v in ip.augmentation_draws(tf.constant(i, tf.int64), 1, 4, pre).items()}
+    image = ip.train_image(ex['image'], d, pre, 'jpeg')
+    top, left = int(d['top']), int(d['left'])
+    expected = ip.square_image(ex['image'], 72, 'jpeg')[top:top + 63, left:left + 63]
+    np.testing.assert_array_equal(image, expected[:, ::-1] if d['flip'] else expected)
 
 
 def test_inception_crop_on_a_prepared_set_is_one_line(digits_dir):
