@@ -282,6 +282,7 @@ class AlexNet(nn.Module):
   lrn: bool = True  # §3.3 local response normalisation (paper variant only)
   overlapping_pool: bool = True  # §3.4: 3x3/2 pooling; False: 2x2/2
   groups: int = 2  # §3.2: two towers; 1: one tower with the same widths
+  width: float = 1.0  # every row's channels/units times this (1: the table's); small = fast tests
   dropout_rate: float = 0.5
   init_scheme: str = 'paper'  # config model.init: INITS, see `initializers`
   bias_init: float = 1.0  # value of the "ones" biases (Caffe needed 0.1); 'paper' init only
@@ -307,6 +308,17 @@ class AlexNet(nn.Module):
       raise ConfigError(f'model.init={self.init_scheme!r} is unknown; use one of {INITS}.')
     if self.groups < 1:
       raise ConfigError(f'model.groups={self.groups} must be 1 (one tower) or more.')
+    if not 0 < self.width <= 4:
+      raise ConfigError(f'model.width={self.width} must be in (0, 4]; 1 is the paper\'s network.')
+
+  def features(self, row: Conv | Dense) -> int:
+    """A row's output channels (units) at `width`: a multiple of `groups` for convolutions, so
+    that every tower split stays even."""
+    if row.features is None:
+      return self.num_classes
+    if isinstance(row, Dense):
+      return max(1, round(row.features * self.width))
+    return self.groups * max(1, round(row.features * self.width / self.groups))
 
   @nn.compact
   def __call__(
@@ -322,7 +334,7 @@ class AlexNet(nn.Module):
     for row in VARIANTS[self.variant]:
       kernel_init, bias_init = initializers(row, self.init_scheme, self.init_std, self.bias_init)
       if isinstance(row, Conv):
-        x = Conv2d(row.features, row.kernel, row.stride, row.padding,
+        x = Conv2d(self.features(row), row.kernel, row.stride, row.padding,
                    groups=self.groups if row.grouped else 1, kernel_init=kernel_init,
                    bias_init=bias_init, dtype=self.dtype,
                    group_impl=self.group_impl,
@@ -342,7 +354,7 @@ class AlexNet(nn.Module):
         x = x.reshape(x.shape[0], -1)
       if row.dropout and train and self.dropout_rate > 0:
         x = per_example_dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
-      x = nn.Dense(row.features or self.num_classes, kernel_init=kernel_init,
+      x = nn.Dense(self.features(row), kernel_init=kernel_init,
                    bias_init=bias_init, dtype=self.dtype, name=row.name)(x)
       if row.relu:
         x = nn.relu(x)
@@ -415,7 +427,8 @@ def format_table(model: AlexNet, image_size: int) -> str:
     raise ConfigError(f'image size {image_size} is too small: this model needs at least '
                      f'{min_image_size(model)} to keep a 1x1 map after the last pooling.')
   rows = layer_table(model, image_size)
-  lines = [f'AlexNet ({model.variant}, groups={model.groups}, {model.num_classes} classes), '
+  width = '' if model.width == 1 else f', width={model.width:g}'
+  lines = [f'AlexNet ({model.variant}, groups={model.groups}{width}, {model.num_classes} classes), '
            f'input {image_size}x{image_size}x3',
            f'{"layer":<8}{"output (HxWxC)":>28}{"parameters":>14}']
   shape = lambda s: 'x'.join(map(str, s))

@@ -53,6 +53,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int) -> models.Al
                       "--config.model.lrn=False --config.model.groups=1 (configs/torchvision.py).")
   return models.AlexNet(num_classes=num_classes, variant=m.variant, lrn=m.lrn,
                         overlapping_pool=m.overlapping_pool, groups=m.groups,
+                        width=m.get('width', 1.0),  # config.json before model.width
                         dropout_rate=m.dropout_rate, bias_init=m.bias_init, init_std=m.init_std,
                         init_scheme=m.get('init', 'paper'),  # config.json before model.init
                         dtype=jnp.dtype(m.dtype), group_impl=m.group_impl,

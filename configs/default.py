@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.lrn = True
   c.model.overlapping_pool = True  # 3x3 stride 2; False: 2x2 stride 2
   c.model.groups = 2  # 2 towers in conv2/4/5; 1: one tower
+  c.model.width = 1.0  # channels and fc units times this; tests train at 0.25
   c.model.dropout_rate = 0.5
   # 'paper': N(0, init_std^2) weights, the "ones" biases below; 'he': N(0, 2/fan_in) weights (fc8:
   # 1/fan_in), zero biases, which keeps its scale at any input size (configs/folder.py).

@@ -42,6 +42,7 @@ def run(mode, devices, steps, config, batch):
 def setup():
   config = tiny_config('')
   config.optimizer.learning_rate = 0.002
+  config.model.init = 'he'  # at width 0.25, N(0, 0.03²) weights barely move the loss in 3 steps
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, size=(16, 63, 63, 3), dtype=np.uint8),
            'shift': rng.normal(0, 0.01, size=(16, 3)).astype(np.float32),

@@ -25,7 +25,7 @@ def test_cli_times_the_train_step_without_tensorflow(tmp_path):
   rows_path, table_path = tmp_path / 'rows.jsonl', tmp_path / 'table.md'
   out = subprocess.run(
       [sys.executable, '-c', CHILD, '--config=configs/benchmark.py',
-       '--config.dataset.image_size=63', '--config.model.num_classes=10',
+       '--config.dataset.image_size=63', '--config.model.width=0.25', '--config.model.num_classes=10',
        '--config.benchmark.modes=("jit",)', '--config.benchmark.dtypes=("float32",)',
        '--config.benchmark.batch_sizes=(4,)', '--config.benchmark.search=("lrn_impl=shifted",)',
        '--config.benchmark.warmup_steps=0', '--config.benchmark.timed_steps=1',

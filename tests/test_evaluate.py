@@ -15,15 +15,15 @@ from alexnet_jax import optim, train
 from alexnet_jax.parallel import Parallel
 from conftest import REPO, tiny_config
 
-SMALL = ['--config.dataset.image_size=63', '--config.train.log_every_steps=1',
+SMALL = ['--config.dataset.image_size=63', '--config.model.width=0.25',
+         '--config.train.log_every_steps=1',
          '--config.train.eval_batch_size=20']
 
 
-def cli(module, *args, cache_dir=None):
-  """Runs `python -m alexnet_jax.<module>`; runs sharing `cache_dir` reuse compiled steps."""
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(cache_dir)} if cache_dir else None
+def cli(module, *args):
+  """Runs `python -m alexnet_jax.<module>` (compiled steps are reused: conftest's JAX cache)."""
   out = subprocess.run([sys.executable, '-m', f'alexnet_jax.{module}', *args], cwd=REPO,
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -57,13 +57,11 @@ def test_folder_set_trains_and_evaluates_from_the_cli(tmp_path):
   folder = ['--config=configs/default.py', '--config.dataset.name=folder',
             f'--config.dataset.path={data}']
   cli('main', *folder, f'--workdir={workdir}', *SMALL, '--config.train.batch_size=8',
-      '--config.train.num_train_steps=2', '--config.dataset.train_crop=inception',
-      cache_dir=tmp_path / 'jax_cache')
+      '--config.train.num_train_steps=2', '--config.dataset.train_crop=inception')
   logged = [l for l in map(json.loads, open(workdir / 'metrics.jsonl')) if 'val_loss' in l][-1]
   assert logged['step'] == 2 and os.listdir(workdir / 'checkpoints') == ['2']
 
-  out = cli('evaluate', *folder, f'--workdir={workdir}', *SMALL, '--crops=1',
-            cache_dir=tmp_path / 'jax_cache')
+  out = cli('evaluate', *folder, f'--workdir={workdir}', *SMALL, '--crops=1')
   assert 'step 2 validation (9 images, 1 crop): top-1 error' in out
   one = json.load(open(workdir / 'eval_1crop.json'))
   assert (one['step'], one['crops'], one['num_examples']) == (2, 1, 9)

@@ -116,6 +116,20 @@ def test_init_values_per_layer(init):
     assert checksum(params) == PAPER_INIT_SHA256
 
 
+def test_width_scales_every_row_and_keeps_towers_even():
+  rows = models.layer_table(models.AlexNet(num_classes=10, width=0.25), 224)
+  channels = {name: out[-1] for name, out, _, _ in rows}
+  # 96/4 = 24, 256/4 = 64, 384/4 = 96 per layer; fc6/fc7 1024; fc8 stays the class count.
+  assert channels == {'conv1': 24, 'conv2': 64, 'conv3': 96, 'conv4': 96, 'conv5': 64,
+                      'fc6': 1024, 'fc7': 1024, 'fc8': 10}
+  odd = models.AlexNet(width=0.1, groups=2)  # 96 * 0.1 = 9.6 -> 10, an even split over 2 towers
+  assert all(out[-1] % 2 == 0 for name, out, _, _ in models.layer_table(odd, 224)
+             if name.startswith('conv'))
+  for width in (0.0, -1.0, 5.0):
+    with pytest.raises(ValueError, match=rf'^model.width={width} must be in \(0, 4\]'):
+      models.AlexNet(width=width)
+
+
 def test_unknown_init_fails_before_compiling():
   with pytest.raises(ValueError, match=r"^model.init='xavier' is unknown; use one of"):
     models.AlexNet(init_scheme='xavier')

@@ -19,7 +19,7 @@ from conftest import REPO
 
 # 22 steps an epoch at batch 64: the runs cross an epoch end (evaluation, plateau rule). On
 # prepared data: the stored 73x73 JPEGs of conftest.digits_dir.
-SHORT = ['--config.dataset.image_size=63', '--config.dataset.prepared=True',
+SHORT = ['--config.dataset.image_size=63', '--config.dataset.prepared=True', '--config.model.width=0.25',
          '--config.train.batch_size=64', '--config.train.log_every_steps=2',
          '--config.train.checkpoint_every_steps=4']
 

@@ -11,7 +11,7 @@ from alexnet_jax import trials
 from configs import default
 from conftest import REPO
 
-TINY = ['--config.dataset.image_size=63', '--config.train.batch_size=16',
+TINY = ['--config.dataset.image_size=63', '--config.model.width=0.25', '--config.train.batch_size=16',
         '--config.train.log_every_steps=1']
 SWEEP_FILE = '''
 from alexnet_jax.trials import product

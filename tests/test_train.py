@@ -52,8 +52,8 @@ def run_cli(workdir, data_dir, *overrides, env=None):
   return subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.main', '--config=configs/default.py',
        f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
-       '--config.dataset.image_size=63', '--config.train.batch_size=16',
-       '--config.train.log_every_steps=2', *overrides],
+       '--config.dataset.image_size=63', '--config.model.width=0.25',
+       '--config.train.batch_size=16', '--config.train.log_every_steps=2', *overrides],
       cwd=REPO, capture_output=True, text=True, env=env)
 
 
@@ -129,7 +129,7 @@ def test_cli_two_processes_on_localhost(tmp_path, digits_dir):
        f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
        f'--process_id={i}', f'--config.dataset.data_dir={digits_dir}',
        '--config.dataset.prepared=True', '--config.dataset.image_size=63',
-       '--config.train.batch_size=16',
+       '--config.model.width=0.25', '--config.train.batch_size=16',
        '--config.train.log_every_steps=2', '--config.train.num_train_steps=2'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
@@ -186,6 +186,7 @@ def test_bfloat16_trains_the_digits_demo_as_well_as_float32(config, tmp_path):
   CPU cores): both reach about 51% validation top-1 error (chance: 90%); after two epochs, about
   20%.
   """
+  config.model.width = 1.0  # the demo's network
   config.train.num_epochs = 1
   config.train.batch_size = 32
   config.train.log_every_steps = 100
