@@ -182,17 +182,17 @@ def test_input_wait_fraction_shows_a_slow_pipeline(config, tmp_path, monkeypatch
 def test_bfloat16_trains_the_digits_demo_as_well_as_float32(config, tmp_path):
   """The paper model computing in bfloat16 (float32 parameters, LRN sums, loss) learns as float32.
 
-  One epoch at 63x63, batch 32 (45 steps, the cheapest run that learns well past chance on two
-  CPU cores): both reach about 51% validation top-1 error (chance: 90%); after two epochs, about
-  20%.
+  Two epochs at 63x63, width 0.25, He init, batch 32 (88 steps, the cheapest run that learns well
+  past chance on two CPU cores): 29.7% (float32) and 22.2% (bfloat16) validation top-1 error
+  here; chance is 90%.
   """
-  config.model.width = 1.0  # the demo's network
-  config.train.num_epochs = 1
+  config.model.init = 'he'
+  config.train.num_epochs = 2
   config.train.batch_size = 32
   config.train.log_every_steps = 100
   errors = {}
   for dtype in ('float32', 'bfloat16'):
     config.model.dtype = dtype
     errors[dtype] = train.train_and_evaluate(config, str(tmp_path / dtype))['val_top1_error']
-  assert max(errors.values()) < 0.6, errors  # chance is 0.9
+  assert max(errors.values()) < 0.45, errors
   assert abs(errors['bfloat16'] - errors['float32']) <= 0.1, errors
