@@ -18,7 +18,10 @@ flips, PCA lighting; uint8 batches of 128):
   prepared raw       train_batches on the same squares stored as raw uint8: crop, flip, lighting
   decode ceiling     tf.io.decode_jpeg of the prepared JPEGs and nothing else, batched
 
-and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s).
+and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s). Each figure
+is the median of --repeats measurements taken in interleaved rounds (every kind once per round),
+so a few seconds of noise from a shared host do not decide a ratio; the table also gives the
+range.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ _PATH = flags.DEFINE_string('path', None, 'Folder of JPEG files.')
 _MAKE = flags.DEFINE_integer('make_photos', 0, 'First write this many photo JPEGs into --path.')
 _NUM_FILES = flags.DEFINE_integer('num_files', 600, 'JPEGs read into memory (and cycled).')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timed duration of each measurement.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Measurements of each kind (interleaved rounds); '
+                                'the table gives their median and range.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 _BASELINE = flags.DEFINE_string('baseline_rev', None, 'Also measure the train pipeline of this '
                                 'git revision (e.g. the one before a change), same run.')
@@ -178,29 +183,37 @@ def main(argv) -> None:
                     f'from experiments.pipeline_benchmark import read_jpegs, write_prepared; '
                     f'write_prepared(read_jpegs({_PATH.value!r}, {_NUM_FILES.value}), '
                     f'{store_dir!r})'], check=True, capture_output=True)
-    one = {k: run_child(k, cores[:1], store_dir) for k in kinds}
-    every = {k: run_child(k, cores, store_dir) for k in kinds}
+    rounds = {n: [{k: run_child(k, cores[:1] if n == 1 else cores, store_dir) for k in kinds}
+                  for _ in range(_REPEATS.value)] for n in (1, len(cores))}
+  median = {n: {k: {m: float(np.median([r[k][m] for r in rs])) for m in ('wall', 'cpu')}
+                for k in kinds} for n, rs in rounds.items()}
+  one, every = median[1], median[len(cores)]
+  spread = lambda n, k, m: (f'{min(r[k][m] for r in rounds[n]):,.0f}-'
+                            f'{max(r[k][m] for r in rounds[n]):,.0f}')
   sizes = [len(d) for d in data]
   names = {**NAMES, 'before': f'full-size JPEGs, pipeline at {_BASELINE.value}'}
   lines = [f'{len(data)} JPEGs from {_PATH.value} (mean {np.mean(sizes) / 1e3:.0f} KB), batch '
-           f'{_BATCH.value}, {_SECONDS.value:.0f} s a measurement; {len(cores)} cores. One core: '
-           f'images per second of the process\'s CPU time (what an idle core does; wall-clock '
-           f'img/s in brackets, lower when the core is shared). All cores: wall-clock img/s.', '',
-           f'| pipeline | img/s, 1 core | img/s, {len(cores)} cores | per core | cores to feed '
-           f'{_FEED.value:,} img/s |', '|---|---|---|---|---|']
+           f'{_BATCH.value}, {_SECONDS.value:.0f} s a measurement, median of {_REPEATS.value} '
+           f'interleaved rounds (range in brackets); {len(cores)} cores. One core: images per '
+           f'second of the process\'s CPU time (what an idle core does; the next column is '
+           f'wall-clock img/s, lower when the core is shared). All cores: wall-clock img/s. '
+           f'Ratios: the median of the per-round ratios.', '',
+           f'| pipeline | img/s, 1 core (CPU time) | 1 core, wall-clock | img/s, {len(cores)} cores '
+           f'| per core | cores to feed {_FEED.value:,} img/s |', '|---|---|---|---|---|---|']
   for k in kinds:
     per_core = every[k]['wall'] / len(cores)
-    lines.append(f'| {names[k]} | {one[k]["cpu"]:,.0f} ({one[k]["wall"]:,.0f}) | '
-                 f'{every[k]["wall"]:,.0f} | {per_core:,.0f} | '
+    lines.append(f'| {names[k]} | {one[k]["cpu"]:,.0f} ({spread(1, k, "cpu")}) | '
+                 f'{one[k]["wall"]:,.0f} | {every[k]["wall"]:,.0f} '
+                 f'({spread(len(cores), k, "wall")}) | {per_core:,.0f} | '
                  f'{_FEED.value / one[k]["cpu"]:,.0f} |')
   one = {k: v['cpu'] for k, v in one.items()}
+  ratio = lambda a, b: float(np.median([r[a]['cpu'] / r[b]['cpu'] for r in rounds[1]]))
   lines.append('')
-  lines.append(f'prepared JPEG / full-size: {one["jpeg"] / one["full"]:.1f}x on 1 core')
+  lines.append(f'prepared JPEG / full-size: {ratio("jpeg", "full"):.1f}x on 1 core')
   if 'before' in one:
-    lines += [f'prepared JPEG / before: {one["jpeg"] / one["before"]:.1f}x on 1 core '
-              f'(goal >= 10x)',
-              f'full-size / before: {one["full"] / one["before"]:.1f}x on 1 core (goal >= 3x)']
-  lines += [f'prepared JPEG / decode ceiling: {one["jpeg"] / one["ceiling"]:.0%} on 1 core '
+    lines += [f'prepared JPEG / before: {ratio("jpeg", "before"):.1f}x on 1 core (goal >= 10x)',
+              f'full-size / before: {ratio("full", "before"):.1f}x on 1 core (goal >= 3x)']
+  lines += [f'prepared JPEG / decode ceiling: {ratio("jpeg", "ceiling"):.0%} on 1 core '
             f'(goal >= 70%)',
             f'prepared raw: {one["raw"]:,.0f} img/s on 1 core (goal >= 8,000)']
   text = '\n'.join(lines)
