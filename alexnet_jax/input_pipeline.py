@@ -344,8 +344,8 @@ def get_builder(config: ml_collections.ConfigDict,
   if config.train_crop == 'inception':
     raise ConfigError("dataset.train_crop='inception' needs the full image, and a prepared set "
                       "holds only its central square; set --config.dataset.prepared=False.")
-  squares = prepared.make_builder(source, round(config.image_size * 256 / 224),
-                                  config.prepared_format, config.prepared_quality)
+  squares = prepared.Prepared(source=source, size=round(config.image_size * 256 / 224),
+                              stored=config.prepared_format, quality=config.prepared_quality)
   if squares.is_prepared():  # the source's own files are not needed any more
     return squares
   _ready(source, config)

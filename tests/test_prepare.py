@@ -97,7 +97,7 @@ def test_a_killed_preparation_restarts_where_it_stopped(tmp_path, digits_dir):
   config = tiny_config(str(data_dir))
   config.dataset.prepared = True
   source = ip.get_builder(tiny_config(str(data_dir)).dataset)
-  squares = prepared.make_builder(source, 72, 'jpeg', 95)
+  squares = prepared.Prepared(source=source, size=72, stored='jpeg', quality=95)
   assert not squares.is_prepared()  # nothing that looks finished
   train_chunks = sorted(os.listdir(os.path.join(squares.work_dir, 'train')))
   assert train_chunks == ['0000000000.npz', '0000000300.npz', '0000000600.npz']

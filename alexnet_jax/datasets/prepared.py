@@ -173,12 +173,6 @@ def _read_chunk(path: str) -> tuple[list[Any], np.ndarray]:
     return [data[end - n:end] for end, n in zip(ends, f['lengths'])], f['labels']
 
 
-def make_builder(source: tfds.core.DatasetBuilder, size: int, stored: str,
-                 quality: int) -> Prepared:
-  """The prepared set of `source` at R = `size` (prepared or not yet)."""
-  return Prepared(source=source, size=size, stored=stored, quality=quality)
-
-
 def prepare(builder: Prepared, *, chunk_size: int = CHUNK,
             kill_after_chunks: int = 0) -> Prepared:
   """Writes `builder`'s set from its (prepared) source, one process at a time per set, with a
@@ -186,7 +180,9 @@ def prepare(builder: Prepared, *, chunk_size: int = CHUNK,
   os.makedirs(builder.work_dir, exist_ok=True)
   with open(builder.work_dir + '.lock', 'w') as lock_file:
     fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process preparing the same set: wait for it
-    again = make_builder(builder.source, builder.size, builder.stored, builder.quality)
+    # A builder made now sees a set that another process finished while this one waited.
+    again = Prepared(source=builder.source, size=builder.size, stored=builder.stored,
+                     quality=builder.quality)
     if again.is_prepared():
       return again
     # Left by a killed run: TFDS's unfinished set directories (never read as a finished set).
