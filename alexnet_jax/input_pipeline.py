@@ -224,7 +224,9 @@ def augmentation_draws(first: tf.Tensor, count: tf.Tensor, seed: int,
   span = tf.constant(p.resize_size - p.image_size + 1, tf.uint32)
   draws = {'index': index, 'top': tf.cast(bits[:, 0] % span, tf.int32),
            'left': tf.cast(bits[:, 1] % span, tf.int32), 'flip': bits[:, 2] >= 2**31,
-           'window_seed': tf.cast(bits[:, 2:], tf.int64)}
+           # The inception window replaces the paper crop, so it reuses the crop's bits, not
+           # the flip's.
+           'window_seed': tf.cast(bits[:, :2], tf.int64)}
   if p.lighting_std > 0:
     alpha = tf.raw_ops.StatelessRandomNormalV2(shape=shape, key=_philox_key(seed, 1),
                                                counter=counter, alg=_PHILOX, dtype=tf.float32)
