@@ -2,7 +2,9 @@
 
 Every image first becomes the paper's stored form (§2): shorter side scaled to R, central R×R
 square, uint8. A prepared set (`dataset.prepared=True`, alexnet_jax/prepare.py) stores exactly
-that once, so the host only decodes (a JPEG only inside the crop window) and crops.
+that once, so the host only decodes (a JPEG only inside the crop window) and crops. From a
+full-size image, training resamples only the S×S crop window of the square (a quarter less work
+than the whole square; a pixel may land one grey level apart, ~1 in 10⁴).
 
 train (`dataset.train_crop='paper'`): stored R×R square → random S×S crop → random horizontal
        flip, as uint8, plus the PCA lighting shift of §4.1 drawn per image (3 floats);
@@ -96,22 +98,28 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def decode_resize_center_crop(encoded: tf.Tensor, size: int) -> tf.Tensor:
+def decode_resize_center_crop(encoded: tf.Tensor, size: int, top: Any = 0, left: Any = 0,
+                              crop: int | None = None) -> tf.Tensor:
   """Encoded image → shorter side `size` (bilinear, antialiased) → central size×size square; uint8.
+  With `crop`: only the crop×crop window of that square at (`top`, `left`).
 
   Resized pixels are rounded back to 8 bits, as in the paper's stored 256×256 images (and PIL);
   an image whose shorter side is already `size` is only cropped, which keeps pre-resized data
-  sets fast. Only the central square is resampled, and a JPEG decodes only the window that square
-  reads. A JPEG whose shorter side is at least 4·`size` is decoded at half size by the IDCT:
-  close to, not equal to, a full-resolution resize (experiments/resize_benchmark.py).
+  sets fast. Only the requested window is resampled, and a JPEG decodes only the pixels that
+  window reads; a window's pixels may differ from the same pixels of the whole square by one
+  grey level, rarely (the kernel's sample positions are computed from another origin). A JPEG
+  whose shorter side is at least 4·`size` is decoded at half size by the IDCT: close to, not
+  equal to, a full-resolution resize (experiments/resize_benchmark.py).
 
   Few graph nodes, as in tf.data each one costs time, up to ~10 µs once large images have
   churned the heap, taken branch or not.
   """
+  crop = size if crop is None else crop
   is_jpeg = tf.io.is_jpeg(encoded)
   jpeg_hw = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
                     lambda: tf.ones([2], tf.int32))  # other formats: known once decoded
-  window = _window(jpeg_hw, size)
+  corner = tf.stack([tf.cast(top, tf.int32), tf.cast(left, tf.int32)])  # in the square
+  window = _window(jpeg_hw, size, corner, crop)
 
   def other() -> tuple[tf.Tensor, ...]:
     image = decode(encoded)
@@ -126,16 +134,16 @@ def decode_resize_center_crop(encoded: tf.Tensor, size: int) -> tf.Tensor:
                 tf.constant(2.0)),
        other])
   new_hw = _resized_shape(hw, size)
-  offset = (new_hw - size) // 2
+  first = (new_hw - size) // 2 + corner  # the window's first pixel in the resized image
   # ScaleAndTranslate's, as tf.image.resize passes it: output pixels per input pixel.
   scale = tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32) * ratio
-  translation = tf.cast(begin, tf.float32) * scale - tf.cast(offset, tf.float32)
+  translation = tf.cast(begin, tf.float32) * scale - tf.cast(first, tf.float32)
   shorter = tf.reduce_min(hw)
   image = tf.switch_case(tf.where(shorter == size, 0, tf.where(shorter < 2 * size, 1, 2)), [
-      lambda: tf.slice(pixels, tf.concat([offset - begin, [0]], 0), [size, size, 3]),
-      lambda: _resample_by_rows(pixels, scale, translation, size),
-      lambda: _resample(pixels, scale, translation, size)])
-  image.set_shape([size, size, 3])
+      lambda: tf.slice(pixels, tf.concat([first - begin, [0]], 0), [crop, crop, 3]),
+      lambda: _resample_by_rows(pixels, scale, translation, crop),
+      lambda: _resample(pixels, scale, translation, crop)])
+  image.set_shape([crop, crop, 3])
   return image
 
 
@@ -145,14 +153,15 @@ def _resized_shape(hw: tf.Tensor, size: int) -> tf.Tensor:
   return tf.maximum(tf.cast(tf.math.ceil(hw * (size / tf.reduce_min(hw)) - 1e-3), tf.int32), size)
 
 
-def _window(hw: tf.Tensor, size: int) -> tf.Tensor:
-  """[top, left, height, width] of the pixels of an [H, W] image that the central size×size
-  square of its resize reads. The antialiased triangle kernel reaches max(1, 1/scale) ≤ 1 +
-  1/scale pixels either side of a sample; one pixel more for rounding and one because the JPEG
-  decoder's chroma upsampling differs at a window's edge."""
+def _window(hw: tf.Tensor, size: int, corner: tf.Tensor, crop: int) -> tf.Tensor:
+  """[top, left, height, width] of the pixels of an [H, W] image that the crop×crop window at
+  `corner` of the central size×size square of its resize reads. The antialiased triangle kernel
+  reaches max(1, 1/scale) ≤ 1 + 1/scale pixels either side of a sample; one pixel more for
+  rounding and one because the JPEG decoder's chroma upsampling differs at a window's edge."""
   new_hw = _resized_shape(hw, size)
   inverse = tf.cast(hw, tf.float32) / tf.cast(new_hw, tf.float32)
-  edges = (tf.cast((new_hw - size) // 2, tf.float32) + [[-1.0], [size + 1.0]]) * inverse
+  first = tf.cast((new_hw - size) // 2 + corner, tf.float32)
+  edges = (first + [[-1.0], [crop + 1.0]]) * inverse
   begin = tf.maximum(tf.cast(tf.floor(edges[0]), tf.int32) - 3, 0)
   return tf.concat([begin, tf.minimum(tf.cast(tf.math.ceil(edges[1]), tf.int32) + 3, hw) - begin], 0)
 
@@ -284,8 +293,10 @@ def train_image(image: tf.Tensor, draws: dict[str, tf.Tensor], p: Preprocess,
     top, left = draws['top'], draws['left']
     if stored == 'jpeg':
       image = tf.image.decode_and_crop_jpeg(image, tf.stack([top, left, crop, crop]), channels=3)
+    elif stored is None:  # resample only the crop window
+      image = decode_resize_center_crop(image, size, top, left, crop)
     else:
-      image = square_image(image, size, stored)[top:top + crop, left:left + crop, :]
+      image = image[top:top + crop, left:left + crop, :]
   if p.flip:
     image = tf.cond(draws['flip'], lambda: tf.reverse(image, [1]), lambda: image)
   image.set_shape([crop, crop, 3])

@@ -18,17 +18,24 @@ flips, PCA lighting; uint8 batches of 128):
   prepared raw       train_batches on the same squares stored as raw uint8: crop, flip, lighting
   decode ceiling     tf.io.decode_jpeg of the prepared JPEGs and nothing else, batched
 
-and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s). Each figure
-is the median of --repeats measurements taken in interleaved rounds (every kind once per round),
-so a few seconds of noise from a shared host do not decide a ratio; the table also gives the
-range.
+and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s).
+
+The kinds are measured side by side, time-sliced: each runs in its own process pinned to the same
+cores, and the parent lets one process run at a time (SIGCONT/SIGSTOP) for --slice_seconds, all
+kinds once per round in a random order, for --rounds rounds. A shared host's speed drifts by
+10-20% over minutes; sliced this finely, every kind sees the same drift, so the ratios hold from
+run to run even when the absolute figures do not. One core: images per second of the process's
+CPU time; all cores: images per second of the time the process was let run. In brackets: the
+lowest and highest figure of the run's four quarters.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import random
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,16 +50,16 @@ sys.path.insert(0, REPO)
 _PATH = flags.DEFINE_string('path', None, 'Folder of JPEG files.')
 _MAKE = flags.DEFINE_integer('make_photos', 0, 'First write this many photo JPEGs into --path.')
 _NUM_FILES = flags.DEFINE_integer('num_files', 600, 'JPEGs read into memory (and cycled).')
-_SECONDS = flags.DEFINE_float('seconds', 10.0, 'Timed duration of each measurement.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Measurements of each kind (interleaved rounds); '
-                                'the table gives their median and range.')
+_ROUNDS = flags.DEFINE_integer('rounds', 20, 'Rounds of time slices; each kind runs once a round.')
+_SLICE = flags.DEFINE_float('slice_seconds', 1.0, 'How long each kind runs in a round.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 _BASELINE = flags.DEFINE_string('baseline_rev', None, 'Also measure the train pipeline of this '
                                 'git revision (e.g. the one before a change), same run.')
 _FEED = flags.DEFINE_integer('feed', 45_000, 'Target img/s for the "cores to feed" column (one '
                              'H200 step, experiments/results/gpu_benchmark.md).')
 _MARKDOWN = flags.DEFINE_string('markdown', None, 'Also write the table here.')
-_MEASURE = flags.DEFINE_string('measure', None, 'Internal: one measurement.')
+_MEASURE = flags.DEFINE_string('measure', None, 'Internal: run this kind, reporting progress.')
+_REPORT = flags.DEFINE_integer('report_fd', None, 'Internal: where to report progress.')
 _CORES = flags.DEFINE_list('cores', None, 'Internal: CPU ids to pin to.')
 _STORE = flags.DEFINE_string('store', None, 'Internal: where the prepared forms are.')
 flags.mark_flag_as_required('path')
@@ -138,35 +145,97 @@ def batches(kind: str, data: list[bytes], store_dir: str, batch_size: int):
   return module.train_batches(split, pre, batch_size, seed=0)
 
 
-def timed(iterator, batch_size: int, seconds: float) -> dict[str, float]:
-  """Images per second of wall-clock time and per second of this process's CPU time (all its
-  threads) over `seconds`, after three warm-up batches."""
-  for _ in range(3):
-    next(iterator)
-  count, start, cpu = 0, time.perf_counter(), time.process_time()
-  while time.perf_counter() - start < seconds:
-    next(iterator)
-    count += batch_size
-  return {'wall': count / (time.perf_counter() - start),
-          'cpu': count / (time.process_time() - cpu)}
-
-
 def measure() -> None:
+  """Child: after warm-up prints 'ready', then after every batch (images so far, CPU time)."""
   os.sched_setaffinity(0, {int(c) for c in _CORES.value})
   os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'
   data = read_jpegs(_PATH.value, _NUM_FILES.value)
-  it = batches(_MEASURE.value, data, _STORE.value, _BATCH.value)
-  print(json.dumps(timed(it, _BATCH.value, _SECONDS.value)))
+  iterator = batches(_MEASURE.value, data, _STORE.value, _BATCH.value)
+  report = os.fdopen(_REPORT.value, 'w', buffering=1)
+  for _ in range(3):
+    next(iterator)
+  report.write('ready\n')
+  count = 0
+  while True:
+    next(iterator)
+    count += _BATCH.value
+    report.write(f'{count} {time.process_time()}\n')
 
 
-def run_child(kind: str, cores: list[int], store_dir: str) -> dict[str, float]:
-  args = [sys.executable, os.path.abspath(__file__), f'--measure={kind}',
-          f'--cores={",".join(map(str, cores))}', f'--store={store_dir}'] + [
-              a for a in sys.argv[1:] if not a.startswith(('--make_photos', '--markdown'))]
-  out = subprocess.run(args, capture_output=True, text=True)
-  if out.returncode:
-    raise RuntimeError(out.stderr[-3000:])
-  return json.loads(out.stdout.strip().splitlines()[-1])
+class Child:
+  """One kind's measuring process, stopped except while its slice runs."""
+
+  def __init__(self, kind: str, cores: list[int], store_dir: str):
+    self.kind = kind
+    read, write = os.pipe()
+    args = [sys.executable, os.path.abspath(__file__), f'--measure={kind}',
+            f'--cores={",".join(map(str, cores))}', f'--store={store_dir}',
+            f'--report_fd={write}'] + [a for a in sys.argv[1:]
+                                       if not a.startswith(('--make_photos', '--markdown'))]
+    self.log = tempfile.TemporaryFile()  # a pipe could fill and block the child
+    self.process = subprocess.Popen(args, pass_fds=(write,), stdout=self.log, stderr=self.log)
+    os.close(write)
+    self.pipe, self.buffer = read, b''
+    self.samples: list[tuple[int, float, float]] = []  # (images, CPU s, s let run) per slice
+    self.ran = 0.0
+
+  def wait_ready(self) -> None:
+    while b'ready\n' not in self.buffer:
+      chunk = os.read(self.pipe, 1 << 16)
+      if not chunk:
+        self.log.seek(0)
+        raise RuntimeError(f'{self.kind} failed:\n' + self.log.read().decode()[-3000:])
+      self.buffer += chunk
+    self.buffer = self.buffer.split(b'ready\n', 1)[1]
+    self.process.send_signal(signal.SIGSTOP)
+
+  def run_slice(self, seconds: float) -> None:
+    self.process.send_signal(signal.SIGCONT)
+    start = time.perf_counter()
+    time.sleep(seconds)
+    self.process.send_signal(signal.SIGSTOP)
+    self.ran += time.perf_counter() - start
+    while select.select([self.pipe], [], [], 0.05)[0]:  # what it wrote before it stopped
+      self.buffer += os.read(self.pipe, 1 << 16)
+    lines = self.buffer.split(b'\n')
+    self.buffer = lines[-1]
+    if len(lines) > 1:
+      count, cpu = lines[-2].split()
+      self.samples.append((int(count), float(cpu), self.ran))
+
+  def rates(self, first: int, last: int) -> dict[str, float]:
+    """img/s between the ends of slices `first` and `last`, per CPU second and per second run."""
+    (n0, c0, r0), (n1, c1, r1) = self.samples[first], self.samples[last]
+    return {'cpu': (n1 - n0) / (c1 - c0), 'wall': (n1 - n0) / (r1 - r0)}
+
+  def close(self) -> None:
+    self.process.kill()
+    self.process.wait()
+    os.close(self.pipe)
+    self.log.close()
+
+
+def time_sliced(kinds: list[str], cores: list[int], store_dir: str) -> dict[str, dict]:
+  """Each kind's rates over the whole run ('all') and over each quarter ('quarters')."""
+  children = {k: Child(k, cores, store_dir) for k in kinds}
+  try:
+    for child in children.values():
+      child.wait_ready()
+    for _ in range(_ROUNDS.value + 1):  # the first round only sets the starting point
+      for kind in random.sample(kinds, len(kinds)):
+        children[kind].run_slice(_SLICE.value)
+    results = {}
+    for kind, child in children.items():
+      n = len(child.samples) - 1
+      if n < 4:
+        raise RuntimeError(f'{kind}: {n} slices finished a batch; raise --rounds or --slice_seconds.')
+      ends = [round(i * n / 4) for i in range(5)]
+      results[kind] = {'all': child.rates(0, n),
+                       'quarters': [child.rates(a, b) for a, b in zip(ends, ends[1:])]}
+    return results
+  finally:
+    for child in children.values():
+      child.close()
 
 
 def main(argv) -> None:
@@ -183,31 +252,27 @@ def main(argv) -> None:
                     f'from experiments.pipeline_benchmark import read_jpegs, write_prepared; '
                     f'write_prepared(read_jpegs({_PATH.value!r}, {_NUM_FILES.value}), '
                     f'{store_dir!r})'], check=True, capture_output=True)
-    rounds = {n: [{k: run_child(k, cores[:1] if n == 1 else cores, store_dir) for k in kinds}
-                  for _ in range(_REPEATS.value)] for n in (1, len(cores))}
-  median = {n: {k: {m: float(np.median([r[k][m] for r in rs])) for m in ('wall', 'cpu')}
-                for k in kinds} for n, rs in rounds.items()}
-  one, every = median[1], median[len(cores)]
-  spread = lambda n, k, m: (f'{min(r[k][m] for r in rounds[n]):,.0f}-'
-                            f'{max(r[k][m] for r in rounds[n]):,.0f}')
+    results = {n: time_sliced(kinds, cores[:n], store_dir) for n in (1, len(cores))}
+  one, every = results[1], results[len(cores)]
+  spread = lambda r, m: (f'{min(q[m] for q in r["quarters"]):,.0f}-'
+                         f'{max(q[m] for q in r["quarters"]):,.0f}')
   sizes = [len(d) for d in data]
   names = {**NAMES, 'before': f'full-size JPEGs, pipeline at {_BASELINE.value}'}
   lines = [f'{len(data)} JPEGs from {_PATH.value} (mean {np.mean(sizes) / 1e3:.0f} KB), batch '
-           f'{_BATCH.value}, {_SECONDS.value:.0f} s a measurement, median of {_REPEATS.value} '
-           f'interleaved rounds (range in brackets); {len(cores)} cores. One core: images per '
-           f'second of the process\'s CPU time (what an idle core does; the next column is '
-           f'wall-clock img/s, lower when the core is shared). All cores: wall-clock img/s. '
-           f'Ratios: the median of the per-round ratios.', '',
+           f'{_BATCH.value}; {len(cores)} cores; time-sliced: {_ROUNDS.value} rounds of '
+           f'{_SLICE.value:g} s a kind (lowest-highest of the four quarters in brackets). One '
+           f'core: images per second of the process\'s CPU time (the next column: per second it '
+           f'was let run). All cores: images per second it was let run.', '',
            f'| pipeline | img/s, 1 core (CPU time) | 1 core, wall-clock | img/s, {len(cores)} cores '
            f'| per core | cores to feed {_FEED.value:,} img/s |', '|---|---|---|---|---|---|']
   for k in kinds:
-    per_core = every[k]['wall'] / len(cores)
-    lines.append(f'| {names[k]} | {one[k]["cpu"]:,.0f} ({spread(1, k, "cpu")}) | '
-                 f'{one[k]["wall"]:,.0f} | {every[k]["wall"]:,.0f} '
-                 f'({spread(len(cores), k, "wall")}) | {per_core:,.0f} | '
-                 f'{_FEED.value / one[k]["cpu"]:,.0f} |')
-  one = {k: v['cpu'] for k, v in one.items()}
-  ratio = lambda a, b: float(np.median([r[a]['cpu'] / r[b]['cpu'] for r in rounds[1]]))
+    per_core = every[k]['all']['wall'] / len(cores)
+    lines.append(f'| {names[k]} | {one[k]["all"]["cpu"]:,.0f} ({spread(one[k], "cpu")}) | '
+                 f'{one[k]["all"]["wall"]:,.0f} | {every[k]["all"]["wall"]:,.0f} '
+                 f'({spread(every[k], "wall")}) | {per_core:,.0f} | '
+                 f'{_FEED.value / one[k]["all"]["cpu"]:,.0f} |')
+  one = {k: v['all']['cpu'] for k, v in one.items()}
+  ratio = lambda a, b: one[a] / one[b]
   lines.append('')
   lines.append(f'prepared JPEG / full-size: {ratio("jpeg", "full"):.1f}x on 1 core')
   if 'before' in one:

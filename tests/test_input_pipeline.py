@@ -115,6 +115,23 @@ def test_shorter_side_at_the_size_is_only_cropped(shape, fmt):
                                 ip.decode(encoded)[top:top + 32, left:left + 32])
 
 
+@pytest.mark.parametrize('shape', [(75, 100), (32, 48)])
+def test_a_crop_window_resamples_like_the_whole_square(shape):
+  """Training from full-size images resamples only the crop window: the same pixels as cropping
+  the whole square, up to a rare one-level rounding (sample positions from another origin);
+  exact when the shorter side is already the size (no resampling)."""
+  image = photo_like(*shape)
+  encoded = tf.io.encode_jpeg(image, quality=90)
+  square = ip.decode_resize_center_crop(encoded, 32).numpy().astype(np.int32)
+  diffs = []
+  for top, left in [(0, 0), (4, 1), (1, 4), (4, 4), (2, 3)]:
+    window = ip.decode_resize_center_crop(encoded, 32, top, left, 28)
+    assert window.shape == (28, 28, 3) and window.dtype == tf.uint8
+    diffs.append(np.abs(window.numpy() - square[top:top + 28, left:left + 28]))
+  diffs = np.stack(diffs)
+  assert diffs.max() <= (0 if min(shape) == 32 else 1) and diffs.mean() < 1e-3, diffs.mean()
+
+
 def draws(first, count=1, p=None, seed=0):
   return ip.augmentation_draws(tf.constant(first, tf.int64), count, seed, p or preprocess())
 

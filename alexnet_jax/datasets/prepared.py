@@ -11,7 +11,9 @@ window) or 'raw' uint8 (no decode at all; R·R·3 bytes an image, 196 KB at 256)
 The set lives next to its source, in `DATA_DIR/prepared/NAME/`, NAME naming the source (TFDS name,
 version and config; a folder's config holds its file fingerprint), R and the stored form: a change
 to any of them prepares a fresh set, and a finished one is reused. Labels, class names, splits
-and the order of the examples are the source's, so a run draws the same batches from either.
+and the order of the examples are the source's, so a run draws the same batches from either (the
+same crops, flips and lighting; from a full-size image training resamples only the crop window,
+so ~1 pixel value in 10⁴ lands one grey level apart).
 
 Killing a preparation loses at most one chunk: the squares are made in chunks of `CHUNK` images
 (tf.data, on every core), each written once to `DATA_DIR/prepared.partial/NAME/` by an atomic
