@@ -20,13 +20,13 @@ flips, PCA lighting; uint8 batches of 128):
 
 and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s).
 
-The kinds are measured side by side, time-sliced: each runs in its own process pinned to the same
-cores, and the parent lets one process run at a time (SIGCONT/SIGSTOP) for --slice_seconds, all
-kinds once per round in a random order, for --rounds rounds. A shared host's speed drifts by
-10-20% over minutes; sliced this finely, every kind sees the same drift, so the ratios hold from
-run to run even when the absolute figures do not. One core: images per second of the process's
-CPU time; all cores: images per second of the time the process was let run. In brackets: the
-lowest and highest figure of the run's four quarters.
+The kinds are measured side by side, time-sliced: each runs in --replicas processes pinned to the
+same cores, and the parent lets one process run at a time (SIGCONT/SIGSTOP) for --slice_seconds,
+every process once per round in a random order, for --rounds rounds. A shared host's speed drifts
+by 10-20% over minutes; sliced this finely, every kind sees the same drift. Identical processes
+still differ by up to ~15% here (the same code, a different process), hence the replicas: a
+kind's figure is the median of its processes, their range in brackets. One core: images per
+second of the process's CPU time; all cores: images per second of the time it was let run.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ sys.path.insert(0, REPO)
 _PATH = flags.DEFINE_string('path', None, 'Folder of JPEG files.')
 _MAKE = flags.DEFINE_integer('make_photos', 0, 'First write this many photo JPEGs into --path.')
 _NUM_FILES = flags.DEFINE_integer('num_files', 600, 'JPEGs read into memory (and cycled).')
-_ROUNDS = flags.DEFINE_integer('rounds', 20, 'Rounds of time slices; each kind runs once a round.')
-_SLICE = flags.DEFINE_float('slice_seconds', 1.0, 'How long each kind runs in a round.')
+_ROUNDS = flags.DEFINE_integer('rounds', 16, 'Rounds of time slices; each process runs once a '
+                               'round.')
+_SLICE = flags.DEFINE_float('slice_seconds', 0.5, 'How long each process runs in a round.')
+_REPLICAS = flags.DEFINE_integer('replicas', 3, 'Processes per kind; a kind\'s figure is their '
+                                 'median (identical processes differ by up to ~15% here).')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 _BASELINE = flags.DEFINE_string('baseline_rev', None, 'Also measure the train pipeline of this '
                                 'git revision (e.g. the one before a change), same run.')
@@ -216,25 +219,29 @@ class Child:
 
 
 def time_sliced(kinds: list[str], cores: list[int], store_dir: str) -> dict[str, dict]:
-  """Each kind's rates over the whole run ('all') and over each quarter ('quarters')."""
-  children = {k: Child(k, cores, store_dir) for k in kinds}
+  """Each kind's img/s ('cpu', 'wall'): the median of its --replicas processes, and their range."""
+  children = [(k, Child(k, cores, store_dir)) for k in kinds for _ in range(_REPLICAS.value)]
   try:
-    for child in children.values():
+    for _, child in children:
       child.wait_ready()
     for _ in range(_ROUNDS.value + 1):  # the first round only sets the starting point
-      for kind in random.sample(kinds, len(kinds)):
-        children[kind].run_slice(_SLICE.value)
+      for _, child in random.sample(children, len(children)):
+        child.run_slice(_SLICE.value)
     results = {}
-    for kind, child in children.items():
-      n = len(child.samples) - 1
-      if n < 4:
-        raise RuntimeError(f'{kind}: {n} slices finished a batch; raise --rounds or --slice_seconds.')
-      ends = [round(i * n / 4) for i in range(5)]
-      results[kind] = {'all': child.rates(0, n),
-                       'quarters': [child.rates(a, b) for a, b in zip(ends, ends[1:])]}
+    for kind in kinds:
+      rates = []
+      for k, child in children:
+        if k == kind:
+          if len(child.samples) < 3:
+            raise RuntimeError(f'{kind}: only {len(child.samples)} slices finished a batch; raise '
+                               f'--rounds or --slice_seconds.')
+          rates.append(child.rates(0, len(child.samples) - 1))
+      results[kind] = {m: {'median': float(np.median([r[m] for r in rates])),
+                           'low': min(r[m] for r in rates), 'high': max(r[m] for r in rates)}
+                       for m in ('cpu', 'wall')}
     return results
   finally:
-    for child in children.values():
+    for _, child in children:
       child.close()
 
 
@@ -254,24 +261,24 @@ def main(argv) -> None:
                     f'{store_dir!r})'], check=True, capture_output=True)
     results = {n: time_sliced(kinds, cores[:n], store_dir) for n in (1, len(cores))}
   one, every = results[1], results[len(cores)]
-  spread = lambda r, m: (f'{min(q[m] for q in r["quarters"]):,.0f}-'
-                         f'{max(q[m] for q in r["quarters"]):,.0f}')
+  spread = lambda r, m: f'{r[m]["low"]:,.0f}-{r[m]["high"]:,.0f}'
   sizes = [len(d) for d in data]
   names = {**NAMES, 'before': f'full-size JPEGs, pipeline at {_BASELINE.value}'}
   lines = [f'{len(data)} JPEGs from {_PATH.value} (mean {np.mean(sizes) / 1e3:.0f} KB), batch '
-           f'{_BATCH.value}; {len(cores)} cores; time-sliced: {_ROUNDS.value} rounds of '
-           f'{_SLICE.value:g} s a kind (lowest-highest of the four quarters in brackets). One '
-           f'core: images per second of the process\'s CPU time (the next column: per second it '
-           f'was let run). All cores: images per second it was let run.', '',
+           f'{_BATCH.value}; {len(cores)} cores; time-sliced: {_REPLICAS.value} processes a kind, '
+           f'{_ROUNDS.value} rounds of {_SLICE.value:g} s a process; each figure is the median of '
+           f'a kind\'s processes (lowest-highest in brackets). One core: images per second of the '
+           f'process\'s CPU time (the next column: per second it was let run). All cores: images '
+           f'per second it was let run.', '',
            f'| pipeline | img/s, 1 core (CPU time) | 1 core, wall-clock | img/s, {len(cores)} cores '
            f'| per core | cores to feed {_FEED.value:,} img/s |', '|---|---|---|---|---|---|']
   for k in kinds:
-    per_core = every[k]['all']['wall'] / len(cores)
-    lines.append(f'| {names[k]} | {one[k]["all"]["cpu"]:,.0f} ({spread(one[k], "cpu")}) | '
-                 f'{one[k]["all"]["wall"]:,.0f} | {every[k]["all"]["wall"]:,.0f} '
+    per_core = every[k]['wall']['median'] / len(cores)
+    lines.append(f'| {names[k]} | {one[k]["cpu"]["median"]:,.0f} ({spread(one[k], "cpu")}) | '
+                 f'{one[k]["wall"]["median"]:,.0f} | {every[k]["wall"]["median"]:,.0f} '
                  f'({spread(every[k], "wall")}) | {per_core:,.0f} | '
-                 f'{_FEED.value / one[k]["all"]["cpu"]:,.0f} |')
-  one = {k: v['all']['cpu'] for k, v in one.items()}
+                 f'{_FEED.value / one[k]["cpu"]["median"]:,.0f} |')
+  one = {k: v['cpu']['median'] for k, v in one.items()}
   ratio = lambda a, b: one[a] / one[b]
   lines.append('')
   lines.append(f'prepared JPEG / full-size: {ratio("jpeg", "full"):.1f}x on 1 core')
