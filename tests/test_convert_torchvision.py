@@ -26,7 +26,7 @@ def torchvision_config():
 
 def torch_logits(net, images):
   with torch.no_grad():
-    return net.eval()(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)).numpy()
+    return net.eval()(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)).numpy()
 
 
 @pytest.fixture(scope='module')
