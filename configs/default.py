@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 1/fan_in), zero biases, which keeps its scale at any input size (configs/folder.py).
   c.model.init = 'paper'
   # The paper's init (std 0.01, "ones" biases 1) sits at ln(10) on this small problem (the known
-  # failure in alexnet_facts.md); std 0.03 (the 2012 code's conv3-5 value) and Caffe's 0.1 learn.
+  # failure in docs/paper.md, §5); std 0.03 (the 2012 code's conv3-5 value) and Caffe's 0.1 learn.
   c.model.init_std = 0.03  # weights ~ N(0, init_std^2); paper: 0.01
   c.model.bias_init = 0.1  # value of the "ones" biases (conv2, conv4, conv5, fc6, fc7); paper: 1
   c.model.dtype = 'float32'  # computation dtype: 'float32' or 'bfloat16'

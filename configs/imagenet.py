@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
   c.model.num_classes = 1000
   c.model.init_std = 0.01
-  c.model.bias_init = 1.0  # the paper's; Caffe needed 0.1 (see alexnet_facts: a flat ln(1000) loss)
+  c.model.bias_init = 1.0  # the paper's; Caffe needed 0.1 (docs/paper.md: a flat ln(1000) loss)
 
   # The fastest implementations measured on an H200 (experiments/results/gpu_benchmark.md); the
   # forward output is the same as the plain layers'.

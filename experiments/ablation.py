@@ -38,7 +38,7 @@ _OUT = flags.DEFINE_string('out', None,
                            'Markdown table; default experiments/results/ablation_<dataset>.md.')
 
 # The paper's change in ILSVRC validation error (percentage points, ablated minus full) when the
-# trick is removed (alexnet_facts.md); None where the paper gives no number.
+# trick is removed (docs/paper.md); None where the paper gives no number.
 PAPER = {
     'full model': (None, None, ''),
     'no LRN': (1.4, 1.2, '§3.3'),
@@ -89,7 +89,7 @@ def report(groups: dict[str, trials.Group], dataset: str, command: str, schedule
       f'Schedule: {schedule}. Errors are the final validation errors (last epoch), in percent, '
       'mean ± sample standard deviation over seeds. "Change" is the row minus the full model in '
       'percentage points, paired by seed (every row runs the same seeds), ± its standard error '
-      '(std of the per-seed differences / sqrt(seeds); positive: removing the trick hurts); "paper" is the change the paper reports on ILSVRC (alexnet_facts.md). '
+      '(std of the per-seed differences / sqrt(seeds); positive: removing the trick hurts); "paper" is the change the paper reports on ILSVRC (docs/paper.md). '
       'The verdict asks whether our change is further than 2 standard errors from zero, in the '
       "paper's direction. A short schedule compares how fast each variant learns as much as "
       'where it ends (the paper: dropout "roughly doubles the number of iterations required to '

@@ -3,7 +3,7 @@
     parallel_check.py STEPS                       # 1 device, pmap on 8, jit on 8 (needs 8 devices)
     parallel_check.py STEPS MODE PID NPROC PORT   # one process of a multi-process run
 
-See test_train.py / test_parallel.py for how they are started.
+See tests/test_train.py for how they are started.
 """
 
 import functools
