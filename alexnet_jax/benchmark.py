@@ -1,7 +1,7 @@
 """Training throughput of the real `train.train_step` on synthetic batches already on the devices.
 
     python -m alexnet_jax.benchmark --config=configs/benchmark.py --json=b.jsonl --markdown=b.md
-    python -m alexnet_jax.benchmark --report=b.jsonl,torch.jsonl  # table + ratios of saved rows
+    python experiments/gpu_report.py --rows=b.jsonl,torch.jsonl  # table + the goals' ratios
 
 Each case (parallel wrapper, dtype, global batch, model implementation switches) builds the train
 state, wraps `train.train_step` with `parallel.Parallel(mode).wrap(..., donate_state=True)`, puts
@@ -16,7 +16,7 @@ so an interrupted run keeps what it measured. No TensorFlow is imported on this 
 
 `benchmark.float_batch_baseline`: after the grid, the headline case once more on a float32 batch
 already normalised (what the host sent before batches became uint8), so the table shows what the
-device-side normalisation and lighting cost (the last ratio line).
+device-side normalisation and lighting cost (experiments/gpu_report.py states it as a ratio).
 """
 
 from __future__ import annotations
@@ -86,52 +86,6 @@ def format_row(row: dict[str, Any]) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
   lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   return '\n'.join(lines + [format_row(r) for r in rows])
-
-
-def ratios(rows: Sequence[dict[str, Any]], batch_size: int = 256) -> list[str]:
-  """The issue's acceptance ratios from measured rows; a missing side says 'not measured'."""
-  ok = [r for r in rows if 'error' not in r and r['batch_size'] == batch_size]
-
-  def best(framework, dtype, wrapper=None):
-    found = [r for r in ok if r['framework'] == framework and r['dtype'] == dtype
-             and wrapper in (None, r['wrapper'])]
-    return max(found, key=lambda r: r['images_per_second'], default=None)
-
-  def line(what, num, den, den_name, target):
-    if num is None or den is None:
-      missing = [name for name, row in (('JAX', num), (den_name, den)) if row is None]
-      return f'{what}: not measured (no {" and no ".join(missing)} row)'
-    ratio = num['images_per_second'] / den['images_per_second']
-    return (f'{what}: JAX {num["images_per_second"]:,.0f} img/s ({num["wrapper"]}, {num["impl"]}) '
-            f'/ {den_name} {den["images_per_second"]:,.0f} img/s = {ratio:.2f}x (target >= '
-            f'{target}x)')
-
-  compiled = best('torch', 'bfloat16', 'compile')
-  eager32 = best('torch', 'float32', 'eager')
-  out = [line(f'bfloat16 batch {batch_size}, best JAX', best('jax', 'bfloat16'), compiled,
-              'torch.compile', 2.0)]
-  for wrapper in MODES:
-    out.append(line(f'bfloat16 batch {batch_size}, {wrapper}', best('jax', 'bfloat16', wrapper),
-                    compiled, 'torch.compile', 2.0))
-  out.append(line(f'float32 batch {batch_size}, best JAX', best('jax', 'float32'), eager32,
-                  'torch eager float32', 1.5))
-  return out + [normalisation_cost(r, rows) for r in rows
-                if r.get('stage') == 'float32 batch' and 'error' not in r]
-
-
-def normalisation_cost(baseline: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-  """What the device-side normalisation and lighting of uint8 batches cost, against the same
-  case on an already-normalised float32 batch."""
-  key = lambda r: (r['framework'], r['wrapper'], r['impl'], r['dtype'], r['batch_size'])
-  same = [r for r in rows if r.get('batch_dtype') == 'uint8' and 'error' not in r
-          and key(r) == key(baseline)]
-  what = (f'uint8 batch normalised and lit on the device ({baseline["wrapper"]}, '
-          f'{baseline["dtype"]}, batch {baseline["batch_size"]})')
-  if not same:
-    return f'{what}: not measured (no uint8 row of that case)'
-  u, f = same[-1]['images_per_second'], baseline['images_per_second']
-  return (f'{what}: {u:,.0f} img/s vs {f:,.0f} img/s on a float32 batch normalised on the host: '
-          f'{100 * (f - u) / f:.1f}% of the step (goal <= 2%)')
 
 
 def impl_name(impls: dict[str, str]) -> str:
@@ -285,19 +239,10 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[dict[str, Any]], None
   return rows
 
 
-def read_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
-  rows = []
-  for path in paths:
-    with open(path) as f:
-      rows.extend(json.loads(line) for line in f if line.strip())
-  return rows
-
-
-def report(rows: Sequence[dict[str, Any]]) -> str:
-  """The table of all rows, then the acceptance ratios."""
+def summary(rows: Sequence[dict[str, Any]]) -> str:
+  """The devices, then the table of all rows (experiments/gpu_report.py adds the ratios)."""
   devices = sorted({f'{r["device"]} x{r["num_devices"]}' for r in rows if 'device' in r})
-  return '\n'.join([f'Device: {", ".join(devices) or "unknown"}', '', format_table(rows), '',
-                    *ratios(rows)])
+  return '\n'.join([f'Device: {", ".join(devices) or "unknown"}', '', format_table(rows)])
 
 
 def _cli() -> None:
@@ -305,30 +250,25 @@ def _cli() -> None:
   from ml_collections import config_flags
   config_flag = config_flags.DEFINE_config_file('config', None, 'configs/benchmark.py')
   json_path = flags.DEFINE_string('json', None, 'Append one JSON object per measured row here.')
-  markdown = flags.DEFINE_string('markdown', None, 'Write the final table and ratios here.')
-  report_paths = flags.DEFINE_list('report', None, 'Only print the table and ratios of the rows '
-                                   'in these JSON-lines files (JAX and torch); runs nothing.')
+  markdown = flags.DEFINE_string('markdown', None, 'Write the final table here.')
 
   def main(argv: Sequence[str]) -> None:
     del argv
-    if report_paths.value:
-      rows = read_rows(report_paths.value)
-    else:
-      if config_flag.value is None:
-        raise app.UsageError('give --config=configs/benchmark.py (or --report=FILES).')
-      print(format_table([]), flush=True)
+    if config_flag.value is None:
+      raise app.UsageError('give --config=configs/benchmark.py.')
+    print(format_table([]), flush=True)
 
-      def emit(row):
-        print(format_row(row), flush=True)
-        if json_path.value:
-          with open(json_path.value, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+    def emit(row):
+      print(format_row(row), flush=True)
+      if json_path.value:
+        with open(json_path.value, 'a') as f:
+          f.write(json.dumps(row) + '\n')
 
-      try:
-        rows = run(config_flag.value, emit)
-      except ConfigError as e:
-        raise SystemExit(f'error: {e}') from None
-    text = report(rows)
+    try:
+      rows = run(config_flag.value, emit)
+    except ConfigError as e:
+      raise SystemExit(f'error: {e}') from None
+    text = summary(rows)
     print('\n' + text, flush=True)
     if markdown.value:
       with open(markdown.value, 'w') as f:

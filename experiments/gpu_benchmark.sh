@@ -64,7 +64,7 @@ section jax "$jax_timeout" "$py" -m alexnet_jax.benchmark --config=configs/bench
 
 rows=$(ls "$out"/torch.jsonl "$out"/jax.jsonl 2>/dev/null | paste -sd, -)
 if [[ -n "$rows" ]]; then
-  "$py" -m alexnet_jax.benchmark --report="$rows" --markdown="$out/table.md" 2> "$out/report.log" \
+  "$py" experiments/gpu_report.py --rows="$rows" --markdown="$out/table.md" 2> "$out/report.log" \
     || tail -n 20 "$out/report.log"
 else
   echo 'no rows were measured; see the logs in' "$out"

@@ -10,7 +10,7 @@ and the same step: cross-entropy, backward, `torch.optim.SGD(lr=0.01, momentum=0
 weight_decay=5e-4)`; channels-last tensors; `bfloat16` is `torch.autocast` (float32 parameters).
 `compile` wraps the model in `torch.compile` (default mode). One random batch stays on the device;
 the first steps (compilation) are excluded; rows are printed in `alexnet_jax.benchmark`'s table
-format and appended to `--json`, so `python -m alexnet_jax.benchmark --report=...` merges them
+format and appended to `--json`, so `python experiments/gpu_report.py --rows=...` merges them
 with the JAX rows. TF32: PyTorch's defaults are kept (cuDNN convolutions may use TF32, float32
 matmuls do not) and recorded in each row; `cudnn.benchmark` is on (XLA autotunes too).
 `TorchvisionAlexNet` is torchvision's layout, module for module: what the weight-import tests

@@ -7,6 +7,7 @@ import pytest
 
 from alexnet_jax import benchmark
 from configs import benchmark as benchmark_config
+from experiments import gpu_report
 from conftest import REPO
 
 # The real CLI on the smallest case; the child reports whether TensorFlow got imported.
@@ -44,7 +45,12 @@ def test_cli_times_the_train_step_without_tensorflow(tmp_path):
     assert r['framework'] == 'jax' and r['wrapper'] == 'jit' and r['batch_size'] == 4
     assert r['images_per_second'] > 0 and r['device'] == 'cpu' and r['peak_fraction'] is None
     assert r['tflops'] == pytest.approx(r['images_per_second'] * r['flop_per_image'] / 1e12)
-  table = open(table_path).read()
+  assert open(table_path).read().count('| jax | jit |') == 3
+  report_path = tmp_path / 'report.md'
+  out = subprocess.run([sys.executable, 'experiments/gpu_report.py', f'--rows={rows_path}',
+                        f'--markdown={report_path}'], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  table = open(report_path).read()
   assert table.count('| jax | jit |') == 3
   assert ('float32 batch 256, best JAX: not measured (no JAX and no torch eager float32 row)'
           in table)
@@ -64,13 +70,20 @@ def test_ratios_use_the_best_measured_rows():
           row('torch', 'eager', 'bfloat16', 9_000), row('jax', 'jit', 'bfloat16', 50_000),
           row('jax', 'pmap', 'bfloat16', 40_000), row('jax', 'jit', 'bfloat16', 90_000, 512),
           row('jax', 'jit', 'float32', 12_000)]
-  lines = benchmark.ratios(rows)
+  lines = gpu_report.ratios(rows)
   assert lines[0].startswith('bfloat16 batch 256, best JAX: JAX 50,000 img/s (jit, x)')
   assert lines[0].endswith('= 2.50x (target >= 2.0x)')
   assert lines[1].startswith('bfloat16 batch 256, pmap') and '= 2.00x (target' in lines[1]
   assert lines[2].startswith('bfloat16 batch 256, jit') and '= 2.50x (target' in lines[2]
   assert lines[3].endswith('= 1.50x (target >= 1.5x)')
-  assert benchmark.ratios(rows[3:])[0].endswith('not measured (no torch.compile row)')
+  assert gpu_report.ratios(rows[3:])[0].endswith('not measured (no torch.compile row)')
+
+
+def test_report_refuses_a_missing_file_in_one_line(tmp_path):
+  out = subprocess.run([sys.executable, 'experiments/gpu_report.py', f'--rows={tmp_path}/no.jsonl'],
+                       cwd=REPO, capture_output=True, text=True)
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert f'--rows: {tmp_path}/no.jsonl does not exist.' in out.stderr
 
 
 def test_peak_and_achieved_flops():
