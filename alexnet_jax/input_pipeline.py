@@ -109,7 +109,7 @@ def decode_resize_center_crop(encoded: tf.Tensor, size: int, top: Any = 0, left:
   window reads; a window's pixels may differ from the same pixels of the whole square by one
   grey level, rarely (the kernel's sample positions are computed from another origin). A JPEG
   whose shorter side is at least 4·`size` is decoded at half size by the IDCT: close to, not
-  equal to, a full-resolution resize (experiments/resize_benchmark.py).
+  equal to, a full-resolution resize (within 6 levels, 1 on average: tests/test_input_pipeline.py).
 
   Few graph nodes, as in tf.data each one costs time, up to ~10 µs once large images have
   churned the heap, taken branch or not.
