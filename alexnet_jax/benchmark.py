@@ -1,10 +1,10 @@
-"""Training throughput of the real `train.train_step` on synthetic batches already on the devices.
+"""Training throughput of the real `steps.train_step` on synthetic batches already on the devices.
 
     python -m alexnet_jax.benchmark --config=configs/benchmark.py --json=b.jsonl --markdown=b.md
     python experiments/gpu_report.py --rows=b.jsonl,torch.jsonl  # table + the goals' ratios
 
-Each case (parallel wrapper, dtype, global batch, model implementation switches) builds the train
-state, wraps `train.train_step` with `parallel.Parallel(mode).wrap(..., donate_state=True)`, puts
+Each case (parallel wrapper, dtype, global batch, model implementation switches) builds its
+experiment (`experiment.build`: the model and `steps.train_step` wrapped for the devices), puts
 one random batch on the devices once and reuses it (uint8 pixels and lighting shifts, as the input
 pipeline sends them: the step normalises them on the device); the first call (compilation) and a few warm-up
 steps are excluded; then `repeats` blocks of `timed_steps` steps are timed up to
@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from alexnet_jax import models, optim, train
+from alexnet_jax import experiment, models, steps
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.parallel import MODES, Parallel
 
@@ -92,14 +92,6 @@ def impl_name(impls: dict[str, str]) -> str:
   return ' '.join(f'{k.removesuffix("_impl")}={v}' for k, v in impls.items())
 
 
-def initial_state(config: ml_collections.ConfigDict) -> train.TrainState:
-  """The train state on the host; parameters do not depend on dtype or implementations."""
-  model = train.make_model(config, config.model.num_classes)
-  return jax.device_get(train.create_train_state(
-      model, optim.make_optimizer(config.optimizer), optim.make_plateau(config.optimizer),
-      config.dataset.image_size, config.seed))
-
-
 def _safe(read: Callable[[], Any]) -> str:
   """Metadata for a row; an API that moved in another JAX version must not lose the row."""
   try:
@@ -109,20 +101,16 @@ def _safe(read: Callable[[], Any]) -> str:
 
 
 def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size: int,
-            impls: dict[str, str], host_state: train.TrainState,
+            impls: dict[str, str], host_state: steps.TrainState,
             batch_dtype: str = 'uint8') -> dict[str, Any]:
-  """Times `train.train_step` for one case (see the module docstring)."""
+  """Times `steps.train_step` for one case (see the module docstring)."""
   b = config.benchmark
   case = config.copy_and_resolve_references()
+  case.parallelism = mode
   case.model.dtype = dtype
   case.model.update(impls)
-  image_size = config.dataset.image_size
-  model = train.make_model(case, config.model.num_classes)
-  tx = optim.make_optimizer(config.optimizer)
-  parallel = Parallel(mode)
-  d = config.dataset
-  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx, mean=d.mean,
-                                         std=d.std), donate_state=True)
+  exp = experiment.build(case)
+  image_size, parallel, step = exp.pre.image_size, exp.parallel, exp.train_step
   rng = np.random.default_rng(0)
   shape = (batch_size, image_size, image_size, 3)
   batch = parallel.put_batch({
@@ -150,7 +138,7 @@ def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size
   device = jax.devices()[0]
   return make_row(framework='jax', wrapper=mode, impl=impl_name(impls), dtype=dtype,
                   batch_size=batch_size, seconds_per_step=statistics.median(blocks),
-                  flop_per_image=6.0 * models.forward_macs(model, image_size),
+                  flop_per_image=6.0 * models.forward_macs(exp.model, image_size),
                   compile_s=compile_s, device=device.device_kind if device.platform != 'cpu'
                   else 'cpu', num_devices=parallel.num_devices, jax_version=jax.__version__,
                   matmul_precision=_safe(lambda: jax.config.jax_default_matmul_precision),
@@ -185,10 +173,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     for batch_size in b.batch_sizes:
       Parallel(mode).check_batch_size(batch_size, f'benchmark.batch_sizes entry {batch_size}')
   parse_search(b.search)
-  model = train.make_model(config, config.model.num_classes)
-  if config.dataset.image_size < models.min_image_size(model):
-    raise ConfigError(f'dataset.image_size={config.dataset.image_size} is too small; use at least '
-                     f'{models.min_image_size(model)}.')
+  experiment.build(config)
 
 
 def grid(b: ml_collections.ConfigDict) -> list[tuple[str, str, int]]:
@@ -209,7 +194,7 @@ def run(config: ml_collections.ConfigDict, emit: Callable[[dict[str, Any]], None
   check(config)
   b = config.benchmark
   rows = []
-  host_state = initial_state(config)
+  host_state = experiment.build(config).init_state()  # the same for every dtype and implementation
 
   def attempt(mode, dtype, batch_size, impls, stage, batch_dtype='uint8'):
     try:

@@ -124,7 +124,7 @@ def load_state_dict(path: str) -> Mapping[str, Any]:
 def write_workdir(params: Mapping[str, Any], outdir: str, config: ml_collections.ConfigDict,
                   class_names: Sequence[str] | None = None) -> None:
   """Writes `params` as step 0 of a run of `config` in `outdir` (see the module docstring)."""
-  from alexnet_jax import checkpoints, optim, train, workdir as workdir_lib
+  from alexnet_jax import checkpoints, experiment, workdir as workdir_lib
   workdir_lib.check_dir(outdir, 'OUTDIR')
   if os.path.isdir(os.path.join(outdir, 'checkpoints')) and os.listdir(
       os.path.join(outdir, 'checkpoints')):
@@ -135,15 +135,13 @@ def write_workdir(params: Mapping[str, Any], outdir: str, config: ml_collections
   num_classes = params['fc8']['bias'].shape[0]
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
   config.model.num_classes = num_classes
-  model = train.make_model(config, num_classes)
+  exp = experiment.build(config)
   if class_names is not None and len(class_names) != num_classes:
     raise ConfigError(f'{len(class_names)} class names for {num_classes} classes; give one name '
                       f'per class, in label order.')
-  checkpoints.check_param_shapes(params, models.abstract_params(model, config.dataset.image_size),
+  checkpoints.check_param_shapes(params, models.abstract_params(exp.model, exp.pre.image_size),
                                  'the converted weights', 'convert a torchvision AlexNet state_dict')
-  state = jax.device_get(train.create_train_state(
-      model, optim.make_optimizer(config.optimizer), optim.make_plateau(config.optimizer),
-      config.dataset.image_size, config.seed, params=dict(params)))
+  state = exp.init_state(params=dict(params))
   workdir_lib.write_config(outdir, config)
   if class_names is not None:
     workdir_lib.write_class_names(outdir, class_names)

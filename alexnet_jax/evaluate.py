@@ -1,12 +1,15 @@
 """Evaluates a checkpoint on the validation split: top-1 and top-5 error, 1 or 10 crops.
 
-    python -m alexnet_jax.evaluate --config=configs/imagenet.py --workdir=runs/imagenet --crops=10
+    python -m alexnet_jax.evaluate --workdir=runs/imagenet --crops=10
 
-Restores the newest checkpoint of `WORKDIR/checkpoints` (or `--checkpoint=STEP`) into the model the
-config describes, scores `dataset.eval_split` with the center crop (`--crops=1`, exactly what the
-training loop logs) or the paper's ten crops (`--crops=10`: four corners and center of the 256
-image and their mirrors, softmax averaged, §4.1), prints one line and writes
-`WORKDIR/eval_<crops>crop.json`.
+Restores the newest checkpoint of `WORKDIR/checkpoints` (or `--checkpoint=STEP`) into the model of
+the run's own `WORKDIR/config.json`, scores `dataset.eval_split` with the center crop
+(`--crops=1`, exactly what the training loop logs) or the paper's ten crops (`--crops=10`: four
+corners and center of the 256 image and their mirrors, softmax averaged, §4.1), prints one line
+and writes
+`WORKDIR/eval_<crops>crop.json`. A `--config` (with `--config.x=y` overrides) may point at the
+data elsewhere (`dataset.data_dir`, `manual_dir`, `path`, `eval_split`) or batch it otherwise; one
+that would change the model or its preprocessing is refused.
 """
 
 from __future__ import annotations
@@ -35,32 +38,32 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, crops: int = 1,
+def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, crops: int = 1,
                         step: int | None = None) -> dict[str, float]:
-  """Scores checkpoint `step` (None: the newest) of `workdir`; writes eval_<crops>crop.json."""
-  import jax
-  from alexnet_jax import checkpoints, input_pipeline, models, train, workdir as workdir_lib
-  from alexnet_jax.parallel import Parallel
+  """Scores checkpoint `step` (None: the newest) of `workdir`; writes eval_<crops>crop.json.
 
-  workdir_lib.check_readable(workdir)
-  parallel = Parallel(config.parallelism)
-  # Ten crops make every example ten images: keep a batch's images near eval_batch_size.
-  batch_size = max(config.train.eval_batch_size // crops // parallel.num_devices, 1)
-  batch_size *= parallel.num_devices
-  step, params = checkpoints.restore_params(workdir, step)
+  `config` None: the run's own config.json; else it may only move the data and its batching
+  (`experiment.EVAL_PINNED` says what it may not change).
+  """
+  import jax
+  from alexnet_jax import experiment, input_pipeline, steps
+
+  checkpoint = experiment.load(workdir, step, config)
+  exp, config = checkpoint.experiment, checkpoint.experiment.config
   builder = input_pipeline.get_builder(config.dataset)
   split = input_pipeline.load_split(builder, config.dataset.eval_split, cache=False,
                                     shard=jax.process_index(), num_shards=jax.process_count())
-  model = train.make_model(config, train.num_classes_of(config, split))
-  pre = input_pipeline.Preprocess.from_config(config.dataset)
-  checkpoints.check_param_shapes(params, models.abstract_params(model, pre.image_size),
-                                 f'checkpoint {step} of {workdir}',
-                                 'pass the config (and overrides) the run was trained with')
-  p_eval_step = parallel.wrap(functools.partial(train.eval_step, model=model, mean=pre.mean,
-                                                std=pre.std))
-  result = train.evaluate(p_eval_step, parallel.put_state(params), split, pre,
+  if split.num_classes != exp.model.num_classes:
+    raise ConfigError(f'{config.dataset.eval_split} of {config.dataset.name} has '
+                      f'{split.num_classes} classes but checkpoint {checkpoint.step} of {workdir} '
+                      f'{exp.model.num_classes}; evaluate it on the data set it was trained on.')
+  # Ten crops make every example ten images: keep a batch's images near eval_batch_size.
+  parallel = exp.parallel
+  batch_size = max(config.train.eval_batch_size // crops // parallel.num_devices, 1)
+  batch_size *= parallel.num_devices
+  result = steps.evaluate(exp.eval_step, parallel.put_state(checkpoint.params), split, exp.pre,
                           parallel.local_batch_size(batch_size), parallel, crops)
-  result = {'step': int(step), 'crops': crops, 'split': config.dataset.eval_split,
+  result = {'step': int(checkpoint.step), 'crops': crops, 'split': config.dataset.eval_split,
             'num_examples': builder.info.splits[config.dataset.eval_split].num_examples, **result}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_{crops}crop.json'), 'w') as f:

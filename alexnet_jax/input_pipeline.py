@@ -16,7 +16,7 @@ with S = `dataset.image_size` and R = round(S·256/224) (the paper's 256/224 mar
 
 Batches leave the host as uint8 (a quarter of float32's bytes); the lighting shift and the
 per-channel normalisation are arithmetic the train and eval steps do on the device
-(`train.normalize`).
+(`preprocess.normalize`).
 
 Randomness is stateless and keyed by (seed, run-wide example index), and the index by (epoch,
 process, position in the epoch), so the stream is a pure function of the seed: a run resumed at
@@ -28,7 +28,6 @@ masks.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Iterator
 
@@ -38,57 +37,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet_jax.errors import ConfigError
+from alexnet_jax.preprocess import Preprocess
 
 # TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
 tf.config.set_visible_devices([], 'GPU')
 
-TRAIN_CROPS = ('paper', 'inception')
 EVAL_CROPS = (1, 10)
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-  """Everything the per-example maps need, read once from `config.dataset`."""
-
-  image_size: int
-  flip: bool
-  lighting_std: float  # 0 turns PCA lighting off
-  eigval: tuple[float, ...]
-  eigvec: tuple[tuple[float, ...], ...]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  train_crop: str = 'paper'
-
-  @property
-  def resize_size(self) -> int:
-    return round(self.image_size * 256 / 224)
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> 'Preprocess':
-    """`config.dataset`; a `pca_stats` file replaces the eigval/eigvec/mean/std fields."""
-    if config.train_crop not in TRAIN_CROPS:
-      raise ConfigError(f'dataset.train_crop={config.train_crop!r} is unknown; use one of '
-                       f'{TRAIN_CROPS}.')
-    stats = (load_statistics(config.pca_stats) if config.pca_stats else
-             {k: config[k] for k in ('eigval', 'eigvec', 'mean', 'std')})
-    return cls(image_size=config.image_size, flip=config.flip,
-               lighting_std=config.lighting_std if config.lighting else 0.0,
-               eigval=tuple(stats['eigval']), eigvec=tuple(map(tuple, stats['eigvec'])),
-               mean=tuple(stats['mean']), std=tuple(stats['std']), train_crop=config.train_crop)
-
-
-def load_statistics(path: str) -> dict[str, Any]:
-  """The eigval/eigvec/mean/std a `python -m alexnet_jax.pca_stats` JSON file holds."""
-  if not os.path.exists(path):
-    raise ConfigError(f'dataset.pca_stats={path!r} does not exist; write it with '
-                     f'`python -m alexnet_jax.pca_stats --output={path}` or unset it.')
-  with open(path) as f:
-    stats = json.load(f)
-  missing = {'eigval', 'eigvec', 'mean', 'std'} - set(stats)
-  if missing:
-    raise ConfigError(f'dataset.pca_stats={path!r} lacks {sorted(missing)}; regenerate it with '
-                     f'python -m alexnet_jax.pca_stats.')
-  return stats
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:

@@ -40,6 +40,10 @@ class Parallel:
   def num_devices(self) -> int:
     return self.mesh.size
 
+  @property
+  def num_local_devices(self) -> int:
+    return len(self._local_devices)
+
   def wrap(self, step: Callable[[Any, Any], Any], donate_state: bool = False) -> Callable:
     """`step(state, batch_shard) -> outputs`, run on all devices; outputs must be replicated."""
     donate = (0,) if donate_state else ()
@@ -69,6 +73,11 @@ class Parallel:
     state layout, and the layout checkpoints are written and read in, whatever the mode."""
     return jax.tree.map(lambda x: jax.make_array_from_callback(
         np.shape(x), self.replicated_sharding, lambda index: np.asarray(x)[index]), tree)
+
+  def checkpointable(self, state: Any) -> Any:
+    """Device state → the replicated global arrays checkpoints are written from: jit's state
+    already is; pmap's per-device copies go through this process's host copy."""
+    return state if self.mode == 'jit' else self.replicated(self.get(state))
 
   def get(self, tree: Any) -> Any:
     """Replicated device values (state, metrics; pmap or replicated layout) → this process's

@@ -59,10 +59,10 @@ def split_statistics(config: ml_collections.ConfigDict, num_images: int = -1) ->
   """`rgb_statistics` of the first `num_images` (-1: all) of `dataset.train_split`, resized."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  from alexnet_jax import input_pipeline as ip
+  from alexnet_jax import experiment, input_pipeline as ip, train
 
   split = ip.load_split(ip.get_builder(config.dataset), config.dataset.train_split, cache=False)
-  size = ip.Preprocess.from_config(config.dataset).resize_size
+  size = experiment.build(config, train.num_classes_of(config, split)).pre.resize_size
   ds = split.records.take(num_images).map(
       lambda ex: tf.cast(ip.square_image(ex['image'], size, split.stored), tf.float32) / 255,
       num_parallel_calls=tf.data.AUTOTUNE)

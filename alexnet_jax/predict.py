@@ -50,21 +50,16 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: 
   an image that cannot be read or decoded, the one-line reason (the others are still scored)."""
   import jax
   import tensorflow as tf
-  from alexnet_jax import checkpoints, input_pipeline, models, train, workdir as workdir_lib
+  from alexnet_jax import experiment, input_pipeline
+  from alexnet_jax.preprocess import normalize
 
-  config = workdir_lib.read_config(workdir, '--checkpoint')
-  step, params = checkpoints.restore_params(workdir, step)
-  num_classes = params['fc8']['bias'].shape[0]
-  model = train.make_model(config, num_classes)
-  pre = input_pipeline.Preprocess.from_config(config.dataset)
-  checkpoints.check_param_shapes(params, models.abstract_params(model, pre.image_size),
-                                 f'checkpoint {step} of {workdir}',
-                                 'its config.json does not describe it; retrain or re-convert')
-  names = workdir_lib.read_class_names(workdir)
-  if names is None or len(names) != num_classes:
+  checkpoint = experiment.load(workdir, step, flag='--checkpoint')
+  model, pre = checkpoint.experiment.model, checkpoint.experiment.pre
+  names = checkpoint.class_names
+  if names is None or len(names) != model.num_classes:
     logging.warning('%s has no class names for its %d classes; printing class indices.', workdir,
-                    num_classes)
-    names = [f'class {i}' for i in range(num_classes)]
+                    model.num_classes)
+    names = [f'class {i}' for i in range(model.num_classes)]
   names = readable(names)
 
   results: list[list[tuple[str, float]] | str] = []
@@ -79,11 +74,12 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: 
     except tf.errors.InvalidArgumentError:
       results.append(f'cannot decode image {path}; pass JPEG, PNG, GIF, BMP or WebP files.')
   probs = jax.jit(lambda p, x: jax.nn.softmax(
-      model.apply({'params': p}, train.normalize(x, pre.mean, pre.std), train=False)))
+      model.apply({'params': p}, normalize(x, pre.mean, pre.std), train=False)))
   good = list(images)
   for start in range(0, len(good), 64):
     chunk = good[start:start + 64]
-    for i, p in zip(chunk, np.asarray(probs(params, np.stack([images[i] for i in chunk])))):
+    batch = np.stack([images[i] for i in chunk])
+    for i, p in zip(chunk, np.asarray(probs(checkpoint.params, batch))):
       top = np.argsort(-p, kind='stable')[:top_k]
       results[i] = [(names[j], float(p[j])) for j in top]
   return results

@@ -31,7 +31,10 @@ from alexnet_jax.errors import ConfigError
 RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
              'train.num_train_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
              'train.checkpoint_max_to_keep', 'train.allow_config_change', 'train.on_nonfinite',
-             'train.debug_nan_step', 'train.eval_batch_size', 'train.profile_steps')
+             'train.eval_batch_size', 'train.profile_steps')
+# Fields of earlier versions that never changed what a run computes (a test hook), so a workdir
+# whose config.json still has them resumes.
+RETIRED = ('train.debug_nan_step',)
 # Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
 WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
@@ -70,17 +73,24 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+def differences(stored: ml_collections.ConfigDict | dict,
+                current: ml_collections.ConfigDict | dict) -> list[str]:
+  """Every field whose value differs, as 'field: old -> new', sorted by field."""
+  as_flat = lambda c: _flatten(json.loads(c.to_json_best_effort()) if isinstance(
+      c, ml_collections.ConfigDict) else c)
+  stored, current = as_flat(stored), as_flat(current)
+  return [f'{k}: {stored.get(k)!r} -> {current.get(k)!r}'
+          for k in sorted(set(stored) | set(current))
+          if k not in RETIRED and stored.get(k) != current.get(k)]
+
+
 def config_changes(stored: ml_collections.ConfigDict | dict,
                    current: ml_collections.ConfigDict | dict) -> tuple[list[str], list[str]]:
   """(fields that differ and may not change on resume, fields that differ but may), each as
   'field: old -> new'."""
-  as_flat = lambda c: _flatten(json.loads(c.to_json_best_effort()) if isinstance(
-      c, ml_collections.ConfigDict) else c)
-  stored, current = as_flat(stored), as_flat(current)
-  changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-  text = lambda k: f'{k}: {stored.get(k)!r} -> {current.get(k)!r}'
-  return ([text(k) for k in changed if k not in RESUMABLE],
-          [text(k) for k in changed if k in RESUMABLE])
+  changes = differences(stored, current)
+  resumable = lambda change: change.split(':')[0] in RESUMABLE
+  return ([c for c in changes if not resumable(c)], [c for c in changes if resumable(c)])
 
 
 def stored_config_dict(workdir: str) -> dict[str, Any] | None:
@@ -261,6 +271,7 @@ class StopSignal:
   def __init__(self):
     self.received: int | None = None
     self.count = 0
+    self.announced = False  # the loop has said when it will stop
 
   def __enter__(self) -> 'StopSignal':
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}

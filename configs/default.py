@@ -77,7 +77,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_max_to_keep = 3  # the newest N, plus the best by val top-1 error
   c.train.on_nonfinite = 'stop'  # NaN/Inf loss or gradient: 'stop', or 'skip' the update
   c.train.allow_config_change = False  # resume a workdir whose stored config differs
-  c.train.debug_nan_step = -1  # test hook: make the batch of this step NaN
   c.train.profile_steps = 0  # > 0: a jax.profiler trace of this many steps (TensorBoard)
 
   # Start from another run's parameters (a trained workdir, or convert_torchvision's output)

@@ -6,34 +6,27 @@
 See tests/test_train.py for how they are started.
 """
 
-import functools
 import json
 import sys
 
 import jax
 import numpy as np
 
-from alexnet_jax import optim, train
-from alexnet_jax.parallel import Parallel
+from alexnet_jax import experiment
 from conftest import tiny_config
 
 
 def run(mode, devices, steps, config, batch):
-  model = train.make_model(config, 10)
-  tx = optim.make_optimizer(config.optimizer)
-  state = train.create_train_state(model, tx, optim.make_plateau(config.optimizer),
-                                   config.dataset.image_size, config.seed)
-  parallel = Parallel(mode, devices)
-  step = parallel.wrap(functools.partial(train.train_step, model=model, tx=tx,
-                                         mean=config.dataset.mean, std=config.dataset.std),
-                       donate_state=True)
-  state = parallel.put_state(state)
+  config.parallelism = mode
+  exp = experiment.build(config, 10, devices)
+  parallel = exp.parallel
+  state = parallel.put_state(exp.init_state())
   rows = parallel.local_batch_size(len(batch['label']))  # this process feeds its rows only
   first = jax.process_index() * rows
   local = {k: v[first:first + rows] for k, v in batch.items()}
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, parallel.put_batch(local))
+    state, metrics = exp.train_step(state, parallel.put_batch(local))
     losses.append(float(parallel.get(metrics)['train_loss']))
   params = parallel.get(state).params
   return losses, np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fake_data
-from alexnet_jax import checkpoints, convert_torchvision, models, train, workdir
+from alexnet_jax import checkpoints, convert_torchvision, experiment, models, train, workdir
+from alexnet_jax.preprocess import Preprocess, normalize
 from conftest import REPO, tiny_config
 
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
@@ -49,7 +50,7 @@ def test_converted_logits_match_torchvision(converted):
   expected = torch_logits(net, images)
   # The plain layers, and configs/torchvision.py's (space-to-depth conv1, sliced pooling).
   for model in (models.AlexNet(num_classes=3, variant='torchvision', lrn=False, groups=1),
-                train.make_model(torchvision_config(), 3)):
+                experiment.build(torchvision_config(), 3).model):
     logits = np.asarray(model.apply({'params': params}, images, train=False))
     assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
   # fc6's (C, H, W) -> (H, W, C) row permutation is what makes them agree.
@@ -117,10 +118,10 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
       f'error: cannot decode image {broken}; pass JPEG, PNG, GIF, BMP or WebP files.')
   assert 'Traceback' not in run.stderr
   out = run.stdout.splitlines()
-  pre = input_pipeline.Preprocess.from_config(torchvision_config().dataset)
+  pre = Preprocess.from_config(torchvision_config().dataset)
   for i, photo in enumerate(photos):
     image = input_pipeline.eval_image(open(photo, 'rb').read(), pre).numpy()
-    image = train.normalize(image[None], pre.mean, pre.std)
+    image = normalize(image[None], pre.mean, pre.std)
     probs = torch.softmax(torch.from_numpy(torch_logits(net, image)[0]), -1).numpy()
     assert out[4 * i] == photo
     for line, c in zip(out[4 * i + 1:4 * i + 4], np.argsort(-probs)):
@@ -137,7 +138,7 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
   wrong = count = 0
   for batch in input_pipeline.eval_batches(split, pre, 16):
     real = batch['mask'] > 0
-    normalised = train.normalize(batch['image'][real], pre.mean, pre.std)
+    normalised = normalize(batch['image'][real], pre.mean, pre.std)
     wrong += np.sum(torch_logits(net, normalised).argmax(-1) != batch['label'][real])
     count += real.sum()
   assert (result['step'], result['num_examples']) == (0, 9)
@@ -166,7 +167,7 @@ def test_convert_predict_evaluate_and_finetune(converted, imported, tmp_path):
 def test_init_from_checkpoint_replaces_only_the_reinit_layers(converted, imported):
   source = convert_torchvision.convert_state_dict(converted[0].state_dict())
   config = torchvision_config()
-  model = train.make_model(config, 5)  # five classes: fc8 must be replaced
+  model = experiment.build(config, 5).model  # five classes: fc8 must be replaced
   fresh = jax.tree.map(lambda p: np.full(p.shape, 7.0, p.dtype), models.abstract_params(model, 63))
   config.init.checkpoint = imported
   with pytest.raises(ValueError, match=r'fc8.bias is \(3,\) there but \(5,\) here; add that layer '
@@ -183,12 +184,11 @@ def test_init_from_checkpoint_replaces_only_the_reinit_layers(converted, importe
 
 def test_fine_tune_config_errors_are_checked_before_anything_runs(tmp_path):
   from configs import finetune_folder
-  from alexnet_jax.parallel import Parallel
   config = finetune_folder.get_config()
   config.optimizer.frozen_layers = ('conv6',)
   with pytest.raises(ValueError, match=r"optimizer.frozen_layers names \['conv6'\], not layers"):
-    train.check_train_config(config, Parallel('pmap'))
+    train.check_config(config)
   config = tiny_config(None)
   config.model.variant = 'torchvision'
   with pytest.raises(ValueError, match="has no LRN and no towers"):
-    train.check_train_config(config, Parallel('pmap'))
+    train.check_config(config)

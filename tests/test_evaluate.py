@@ -1,6 +1,5 @@
 """Evaluation from checkpoints the CLI wrote, 10-crop scoring, and CLI training on real layouts."""
 
-import functools
 import json
 import os
 import subprocess
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 
 import fake_data
-from alexnet_jax import optim, train
-from alexnet_jax.parallel import Parallel
+from alexnet_jax import experiment
+from alexnet_jax.preprocess import normalize
 from conftest import REPO, tiny_config
 
 SMALL = ['--config.dataset.image_size=63', '--config.model.width=0.25',
@@ -29,21 +28,16 @@ def cli(module, *args):
 
 
 def test_ten_crop_prediction_is_the_mean_of_ten_softmaxes(config):
-  model = train.make_model(config, 10)
-  state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
-                                   optim.make_plateau(config.optimizer), 63, 0)
+  exp = experiment.build(config, 10, jax.devices()[:1])
+  params, model = exp.init_state().params, exp.model
   images = np.random.default_rng(0).integers(0, 256, (3, 10, 63, 63, 3), dtype=np.uint8)
   mean, std = config.dataset.mean, config.dataset.std
-  probs = np.stack([jax.nn.softmax(model.apply({'params': state.params},
-                                               train.normalize(images[:, c], mean, std),
-                                               train=False))
+  probs = np.stack([jax.nn.softmax(model.apply({'params': params},
+                                               normalize(images[:, c], mean, std), train=False))
                     for c in range(10)]).mean(axis=0)
   labels = np.array([0, 4, 9])
   batch = {'image': images, 'label': labels, 'mask': np.array([1.0, 1.0, 0.0])}
-  parallel = Parallel('jit', jax.devices()[:1])
-  sums = parallel.get(parallel.wrap(functools.partial(train.eval_step, model=model, mean=mean,
-                                                       std=std))(
-      parallel.put_state(state.params), batch))
+  sums = exp.parallel.get(exp.eval_step(exp.parallel.put_state(params), batch))
   top1 = np.argmax(probs, -1) != labels
   top5 = ~np.any(np.argsort(-probs, -1)[:, :5] == labels[:, None], -1)
   assert sums['count'] == 2 and sums['top1_errors'] == top1[:2].sum()

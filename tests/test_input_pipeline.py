@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.color_stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC
+from alexnet_jax.preprocess import Preprocess, normalize
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def test_digits_split_is_fixed(config):
 
 
 def test_train_batches_shapes_dtypes_ranges(config, split):
-  pre = ip.Preprocess.from_config(config.dataset)
+  pre = Preprocess.from_config(config.dataset)
   batch = next(ip.train_batches(split, pre, 16, seed=0))
   assert batch['image'].shape == (16, 63, 63, 3) and batch['image'].dtype == np.uint8
   assert batch['shift'].shape == (16, 3) and batch['shift'].dtype == np.float32
@@ -35,7 +36,7 @@ def test_train_batches_shapes_dtypes_ranges(config, split):
 
 
 def test_resume_skips_exactly_to_the_step(config, split):
-  pre = ip.Preprocess.from_config(config.dataset)
+  pre = Preprocess.from_config(config.dataset)
   steps_per_epoch = 1437 // 16
   start = steps_per_epoch - 1  # also crosses an epoch boundary
   full = list(itertools.islice(ip.train_batches(split, pre, 16, seed=3), start + 2))
@@ -50,7 +51,7 @@ def test_resume_skips_exactly_to_the_step(config, split):
 def test_eval_batches_pad_and_mask(config):
   builder = ip.get_builder(config.dataset)
   val = ip.load_split(builder, 'validation', cache=False)
-  pre = ip.Preprocess.from_config(config.dataset)
+  pre = Preprocess.from_config(config.dataset)
   batches = list(ip.eval_batches(val, pre, 100))
   assert [b['image'].shape[0] for b in batches] == [100] * 4
   assert [int(b['mask'].sum()) for b in batches] == [100, 100, 100, 60]
@@ -67,7 +68,7 @@ def encoded_test_image(h=40, w=60):
 def preprocess(**kw):
   base = dict(image_size=28, flip=False, lighting_std=0.0, eigval=IMAGENET_EIGVAL,
               eigvec=IMAGENET_EIGVEC, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-  return ip.Preprocess(**{**base, **kw})
+  return Preprocess(**{**base, **kw})
 
 
 def photo_like(h, w, channels=3):
@@ -255,29 +256,28 @@ def test_pca_stats_file_replaces_the_statistics(tmp_path, config):
            'std': [0.4, 0.5, 0.6]}
   (tmp_path / 'stats.json').write_text(json.dumps(stats))
   config.dataset.pca_stats = str(tmp_path / 'stats.json')
-  p = ip.Preprocess.from_config(config.dataset)
+  p = Preprocess.from_config(config.dataset)
   assert (p.eigval, p.eigvec, p.mean, p.std) == (
       (0.3, 0.2, 0.1), tuple(map(tuple, stats['eigvec'])), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
   config.dataset.pca_stats = str(tmp_path / 'missing.json')
   with pytest.raises(ValueError, match='does not exist'):
-    ip.Preprocess.from_config(config.dataset)
+    Preprocess.from_config(config.dataset)
   config.dataset.pca_stats = None
   config.dataset.train_crop = 'random'
   with pytest.raises(ValueError, match='train_crop'):
-    ip.Preprocess.from_config(config.dataset)
+    Preprocess.from_config(config.dataset)
 
 
 def test_device_normalisation_is_the_host_formula():
   """((pixels / 255 + shift) - mean) / std, as the host computed it before batches became uint8."""
-  from alexnet_jax import train
   from alexnet_jax.color_stats import IMAGENET_MEAN, IMAGENET_STD
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
   shift = rng.normal(0, 0.05, (4, 3)).astype(np.float32)
   mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
   expected = ((pixels / 255.0 + shift[:, None, None, :]) - mean) / std
-  np.testing.assert_allclose(train.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD, shift), expected,
+  np.testing.assert_allclose(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD, shift), expected,
                              atol=1e-6)
   crops = rng.integers(0, 256, (2, 10, 5, 5, 3), dtype=np.uint8)  # ten crops, no lighting
-  np.testing.assert_allclose(train.normalize(crops, IMAGENET_MEAN, IMAGENET_STD),
+  np.testing.assert_allclose(normalize(crops, IMAGENET_MEAN, IMAGENET_STD),
                              (crops / 255.0 - mean) / std, atol=1e-6)

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from alexnet_jax import input_pipeline as ip
+from alexnet_jax.preprocess import Preprocess
 from alexnet_jax import pca_stats
 from conftest import REPO, tiny_config
 
@@ -65,7 +66,7 @@ def test_cli_output_is_the_lighting_training_uses(tmp_path):
   stats = json.loads(out.read_text())
   config = tiny_config(None)
   config.dataset.pca_stats = str(out)
-  p = ip.Preprocess.from_config(config.dataset)
+  p = Preprocess.from_config(config.dataset)
   np.testing.assert_allclose(p.eigval, stats['eigval'])
   np.testing.assert_allclose(p.eigvec, stats['eigvec'])
   # The training lighting shift is eigvec @ (alpha * eigval) with these statistics: the same
@@ -74,7 +75,7 @@ def test_cli_output_is_the_lighting_training_uses(tmp_path):
   first = tf.constant(3, tf.int64)
   shifts = ip.augmentation_draws(first, 8, 0, p)['shift'].numpy()
   assert np.abs(shifts).min() > 0
-  default = ip.augmentation_draws(first, 8, 0, ip.Preprocess.from_config(tiny_config(None).dataset))
+  default = ip.augmentation_draws(first, 8, 0, Preprocess.from_config(tiny_config(None).dataset))
   alpha = np.linalg.solve(np.array(stats['eigvec']) * stats['eigval'], shifts.T)
   default_basis = np.array(config.dataset.eigvec) * config.dataset.eigval
   np.testing.assert_allclose(alpha, np.linalg.solve(default_basis, default['shift'].numpy().T),

@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet_jax import input_pipeline as ip
+from alexnet_jax.preprocess import Preprocess
 from alexnet_jax.datasets import prepared
 from conftest import REPO, tiny_config
 
@@ -36,7 +37,7 @@ def test_prepared_set_has_the_sources_labels_classes_splits_and_r_squares(digits
         ip.load_split(source, split, cache=False).records)]
     got = records(builder, split)
     assert [label for label, _ in got] == source_labels  # the source's order
-  pre = ip.Preprocess.from_config(config.dataset)
+  pre = Preprocess.from_config(config.dataset)
   assert pre.resize_size == 72
   for _, image in got[:20]:
     square = ip.square_image(tf.constant(image) if stored == 'jpeg' else
@@ -49,7 +50,7 @@ def test_raw_squares_give_the_batches_of_the_full_size_path(digits_dir):
   full-size path's crop window rounds differently (none do on digits), and 10-crop eval reads
   the same squares."""
   config = tiny_config(digits_dir)
-  pre = ip.Preprocess.from_config(config.dataset)
+  pre = Preprocess.from_config(config.dataset)
   full = ip.load_split(ip.get_builder(config.dataset), 'train', cache=False)
   config.dataset.prepared, config.dataset.prepared_format = True, 'raw'
   raw = ip.load_split(ip.get_builder(config.dataset), 'train', cache=False)
@@ -71,7 +72,7 @@ def test_a_jpeg_crop_window_decodes_like_the_whole_square(digits_dir):
   config.dataset.prepared = True
   config.dataset.flip = True
   data = ip.load_split(ip.get_builder(config.dataset), 'train', cache=False)
-  pre = ip.Preprocess.from_config(config.dataset)
+  pre = Preprocess.from_config(config.dataset)
   for i, ex in enumerate(data.records.take(8)):
     d = {k: v[0] for k, v in ip.augmentation_draws(tf.constant(i, tf.int64), 1, 4, pre).items()}
     image = ip.train_image(ex['image'], d, pre, 'jpeg')

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alexnet_jax.workdir import WALL_CLOCK_METRICS
-from conftest import REPO
+from conftest import REPO, tiny_config
 
 # 22 steps an epoch at batch 64: the runs cross an epoch end (evaluation, plateau rule). On
 # prepared data: the stored 73x73 JPEGs of conftest.digits_dir.
@@ -268,19 +268,38 @@ def test_failed_start_writes_nothing_and_reads_create_nothing(tmp_path, digits_d
   assert not os.path.exists(fresh / 'config.json')
 
 
+def nan_at(nan_step):
+  """A batch hook: the batch of step `nan_step` becomes NaN (through its lighting shift, as
+  uint8 pixels cannot be)."""
+  def hook(batches, first_step):
+    for step, batch in enumerate(batches, first_step):
+      yield {**batch, 'shift': np.full_like(batch['shift'], np.nan)} if step == nan_step else batch
+  return hook
+
+
+def eight_steps(data_dir):
+  """`run`'s config (SHORT), eight steps, in process."""
+  config = tiny_config(data_dir)
+  config.dataset.prepared = True
+  config.train.batch_size, config.train.checkpoint_every_steps = 64, 4
+  config.train.num_train_steps = 8
+  return config
+
+
 def test_nonfinite_stop_names_step_and_checkpoint(tmp_path, digits_dir):
-  out = run(tmp_path, digits_dir, '--config.train.num_train_steps=8',
-            '--config.train.debug_nan_step=6')
-  assert out.returncode != 0
-  assert 'non-finite loss or gradient at step 6' in out.stderr, out.stderr[-2000:]
-  assert 'Last good checkpoint: step 4' in out.stderr
+  from alexnet_jax import train
+  from alexnet_jax.errors import TrainingStopped
+  with pytest.raises(TrainingStopped, match='non-finite loss or gradient at step 6 ') as stopped:
+    train.train_and_evaluate(eight_steps(digits_dir), str(tmp_path), batch_hook=nan_at(6))
+  assert f'Last good checkpoint: step 4 in {tmp_path / "checkpoints"}.' in str(stopped.value)
   assert steps(tmp_path) == [4]
 
 
 def test_nonfinite_skip_counts_and_keeps_params_finite(tmp_path, digits_dir):
-  out = run(tmp_path, digits_dir, '--config.train.num_train_steps=8',
-            '--config.train.debug_nan_step=6', '--config.train.on_nonfinite=skip')
-  assert out.returncode == 0, out.stderr[-3000:]
+  from alexnet_jax import train
+  config = eight_steps(digits_dir)
+  config.train.on_nonfinite = 'skip'
+  train.train_and_evaluate(config, str(tmp_path), batch_hook=nan_at(6))
   skipped = {l['step']: l['nonfinite_steps'] for l in metrics(tmp_path) if 'train_loss' in l}
   assert skipped == {2: 0, 4: 0, 6: 1, 8: 0}
   _, state = checkpoint(tmp_path)

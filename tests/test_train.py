@@ -142,18 +142,14 @@ def test_cli_two_processes_on_localhost(tmp_path, digits_dir):
 
 
 def test_evaluate_counts_every_example_once(config, digits_dir):
-  import functools
   import jax
-  from alexnet_jax import input_pipeline, optim
+  from alexnet_jax import experiment, input_pipeline, steps
   builder = input_pipeline.get_builder(config.dataset)
   val = input_pipeline.load_split(builder, 'validation', cache=False)
-  model = train.make_model(config, 10)
-  state = train.create_train_state(model, optim.make_optimizer(config.optimizer),
-                                   optim.make_plateau(config.optimizer), 63, 0)
-  parallel = Parallel('jit', jax.devices()[:1])
-  pre = input_pipeline.Preprocess.from_config(config.dataset)
-  step = parallel.wrap(functools.partial(train.eval_step, model=model, mean=pre.mean, std=pre.std))
-  result = train.evaluate(step, parallel.put_state(state.params), val, pre, 64, parallel)
+  exp = experiment.build(config, 10, jax.devices()[:1])
+  params = exp.init_state().params
+  result = steps.evaluate(exp.eval_step, exp.parallel.put_state(params), val, exp.pre, 64,
+                          exp.parallel)
   # The untrained model predicts one class for everything: top-1 error = 1 - that class's share.
   assert 0.85 <= result['val_top1_error'] <= 0.95
   assert result['val_top5_error'] < result['val_top1_error']
