@@ -39,8 +39,7 @@ from alexnet_jax.parallel import MODES, Parallel
 # A dense bf16 matmul reaches ~790 of the 989 on an H100 SXM / H200.
 PEAK_BF16_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.4), ('H200', 989.4),
                     ('A100', 312.0))
-IMPL_FIELDS = {'group_impl': models.GROUP_IMPLS, 'lrn_impl': models.LRN_IMPLS,
-               'pool_impl': models.POOL_IMPLS, 'conv1_impl': models.CONV1_IMPLS}
+IMPL_FIELDS = models.IMPLS
 GRIDS = ('one_at_a_time', 'product')
 
 
@@ -162,7 +161,7 @@ def parse_search(search: Sequence[str]) -> list[tuple[str, str]]:
 def check(config: ml_collections.ConfigDict) -> None:
   """Fails on a bad benchmark section before anything compiles."""
   b = config.benchmark
-  for name, values, choices in (('modes', b.modes, MODES), ('dtypes', b.dtypes, train.DTYPES)):
+  for name, values, choices in (('modes', b.modes, MODES), ('dtypes', b.dtypes, models.DTYPES)):
     if not values or any(v not in choices for v in values):
       raise ConfigError(f'benchmark.{name}={values!r}: use a non-empty tuple of {choices}.')
   if b.grid not in GRIDS:

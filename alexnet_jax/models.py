@@ -3,6 +3,9 @@
 The network is written as the paper's architecture table (§3.5): one row per layer, read top to
 bottom by ``AlexNet.__call__``. Tensors are NHWC. ``python -m alexnet_jax.models`` prints the table
 with output shapes and parameter counts (60,965,224 for the paper model with 1000 classes).
+How each layer runs (LRN, pooling, towers) is in alexnet_jax/layers.py. `OPTIONS` lists the values
+the config's `model` fields may take, checked once when an AlexNet is built (`from_config` builds it
+from a config).
 
 conv1 is padded by 2 on each side (as torchvision does) so that a 224 crop gives the paper's
 55/27/13/6 feature maps (Caffe uses 227 crops without padding; same sizes).
@@ -11,14 +14,15 @@ conv1 is padded by 2 on each side (as torchvision does) so that a 224 crop gives
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from alexnet_jax import layers
 from alexnet_jax.errors import ConfigError
 
 
@@ -81,178 +85,35 @@ def layer_names(variant: str) -> tuple[str, ...]:
   return tuple(row.name for row in VARIANTS[variant])
 
 
-LRN_IMPLS = ('reduce_window', 'shifted', 'banded')
-
-
-def local_response_norm(
-    x: jax.Array, *, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75,
-    impl: str = 'reduce_window'
-) -> jax.Array:
-  """Paper §3.3: b_i = a_i / (k + alpha * sum_{|j-i|<=size//2} a_j^2) ** beta, across channels.
-
-  alpha is *not* divided by `size` (Caffe and PyTorch divide it). The sum is accumulated in float32
-  whatever the input dtype. `impl` only changes how the window sum over channels is computed:
-    reduce_window — XLA's window reduction (a separate pass on GPU);
-    shifted — the sum of `size` shifted copies of a^2, one elementwise pass XLA can fuse with the
-              ReLU before and the division after;
-    banded — a^2 (in the input dtype) times a 0/1 (C x C) band matrix, a 1x1 contraction that runs
-             on the matrix units, accumulated in float32 (on GPUs float32 inputs use TF32 there).
-  """
-  x32 = x.astype(jnp.float32)
-  half = size // 2
-  channels = x.shape[-1]
-  if impl == 'reduce_window':
-    window_sum = jax.lax.reduce_window(
-        jnp.square(x32), 0.0, jax.lax.add,
-        window_dimensions=(1,) * (x.ndim - 1) + (size,),
-        window_strides=(1,) * x.ndim,
-        padding=((0, 0),) * (x.ndim - 1) + ((half, half),))
-  elif impl == 'shifted':
-    padded = jnp.pad(jnp.square(x32), ((0, 0),) * (x.ndim - 1) + ((half, half),))
-    window_sum = sum(jax.lax.slice_in_dim(padded, i, i + channels, axis=-1) for i in range(size))
-  elif impl == 'banded':
-    index = np.arange(channels)
-    band = jnp.asarray(np.abs(index[:, None] - index[None, :]) <= half, x.dtype)
-    window_sum = jax.lax.dot_general(jnp.square(x), band, (((x.ndim - 1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-  else:
-    raise ConfigError(f'model.lrn_impl={impl!r} is unknown; use one of {LRN_IMPLS}.')
-  denom = k + alpha * window_sum
-  if beta == 0.75:  # d^-3/4 without pow's exp/log, forward and backward
-    inv_sqrt = jax.lax.rsqrt(denom)
-    scale = inv_sqrt * jnp.sqrt(inv_sqrt)
-  else:
-    scale = denom ** -beta
-  return (x32 * scale).astype(x.dtype)
-
-
-POOL_IMPLS = ('reduce_window', 'slices')
-
-
-def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'reduce_window') -> jax.Array:
-  """VALID max-pooling over H, W of NHWC.
-
-  impl='slices' takes the maximum of the window*window strided slices: the same output, but its
-  gradient is elementwise (pads and selects that fuse) instead of XLA's select-and-scatter. On
-  ties within a window it splits the gradient equally where select-and-scatter gives it all to one
-  element (both are valid subgradients; after a ReLU the tied values are almost always zeros, whose
-  gradient the ReLU discards).
-  """
-  if impl == 'reduce_window':
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding='VALID')
-  if impl != 'slices':
-    raise ConfigError(f'model.pool_impl={impl!r} is unknown; use one of {POOL_IMPLS}.')
-  out_h, out_w = ((s - window) // stride + 1 for s in x.shape[1:3])
-  views = [jax.lax.slice(x, (0, i, j, 0),
-                         (x.shape[0], i + stride * (out_h - 1) + 1,
-                          j + stride * (out_w - 1) + 1, x.shape[3]), (1, stride, stride, 1))
-           for i in range(window) for j in range(window)]
-  return functools.reduce(jnp.maximum, views)
-
-
-def per_example_dropout(
-    x: jax.Array, rate: float, rng: jax.Array, example_ids: jax.Array
-) -> jax.Array:
-  """Inverted dropout whose mask for each example is keyed by that example's global id.
-
-  The mask of an example is the same whichever device, device count or batch position it lands
-  on, so training does not depend on how the global batch is split.
-  """
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
-  keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-GROUP_IMPLS = ('towers', 'grouped', 'block')
-CONV1_IMPLS = ('plain', 'space_to_depth')
-
-
-def conv_towers(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int, groups: int,
-                impl: str = 'towers', space_to_depth: bool = False) -> jax.Array:
-  """Grouped convolution, NHWC x HWIO; kernel is (kh, kw, C_in / groups, C_out).
-
-  impl='towers' runs one convolution per tower and concatenates them (the paper's two GPUs);
-  'grouped' uses XLA's feature_group_count; 'block' runs one dense convolution whose kernel is
-  block-diagonal (zeros between towers: twice the multiply-adds, no split or concatenation).
-  Same result; 'towers' is ~8x faster than 'grouped' on XLA:CPU. `space_to_depth` (groups=1 only)
-  runs a strided convolution as a stride-1 one on (stride x stride) pixel blocks (see
-  `space_to_depth_conv`).
-  """
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride),
-                           padding=[(padding, padding)] * 2,
-                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  if impl not in GROUP_IMPLS:
-    raise ConfigError(f'model.group_impl={impl!r} is unknown; use one of {GROUP_IMPLS}.')
-  if groups == 1:
-    return space_to_depth_conv(x, kernel, stride, padding) if space_to_depth else conv(x, kernel)
-  if impl == 'grouped':
-    return conv(x, kernel, feature_group_count=groups)
-  if impl == 'block':
-    kh, kw, cin, cout = kernel.shape
-    blocks = kernel.reshape(kh, kw, cin, groups, cout // groups)
-    dense = jnp.einsum('hwigo,gG->hwgiGo', blocks, jnp.eye(groups, dtype=kernel.dtype))
-    return conv(x, dense.reshape(kh, kw, cin * groups, cout))
-  return jnp.concatenate([conv(xs, ks) for xs, ks in zip(jnp.split(x, groups, axis=-1),
-                                                          jnp.split(kernel, groups, axis=-1))],
-                         axis=-1)
-
-
-def space_to_depth_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-  """conv(x, kernel, stride, padding) computed as a stride-1 VALID convolution on blocks.
-
-  Output pixel o reads padded rows stride*o + t, t < kh; writing t = stride*a + r, that is block
-  row o + a, row r inside it. So the (padded) image becomes (H/stride, W/stride, stride^2 * C) and
-  the kernel, zero-padded to a multiple of stride, (ceil(kh/stride), ..., stride^2 * C, C_out):
-  for conv1, 57x57x48 images and a 3x3x48 kernel instead of 228x228x3 and 11x11x3, which fills
-  the matrix units that 3 input channels leave mostly idle. Same sums, same output.
-  """
-  n, _, _, c = x.shape
-  kh, kw, _, cout = kernel.shape
-  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  taps = [-(-k // stride) for k in (kh, kw)]  # kernel side in blocks
-  # Keep exactly the rows the outputs read, rounded up to whole blocks (the rest is never read).
-  sides = [stride * ((s - k) // stride + t) for s, k, t in zip(x.shape[1:3], (kh, kw), taps)]
-  x = x[:, :sides[0], :sides[1]]
-  x = jnp.pad(x, ((0, 0), (0, sides[0] - x.shape[1]), (0, sides[1] - x.shape[2]), (0, 0)))
-  bh, bw = sides[0] // stride, sides[1] // stride
-  x = x.reshape(n, bh, stride, bw, stride, c).transpose(0, 1, 3, 2, 4, 5)
-  x = x.reshape(n, bh, bw, stride * stride * c)
-  kernel = jnp.pad(kernel, ((0, stride * taps[0] - kh), (0, stride * taps[1] - kw), (0, 0), (0, 0)))
-  kernel = kernel.reshape(taps[0], stride, taps[1], stride, c, cout).transpose(0, 2, 1, 3, 4, 5)
-  kernel = kernel.reshape(taps[0], taps[1], stride * stride * c, cout)
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-class Conv2d(nn.Module):
-  """A convolution with `groups` towers; parameters laid out as nn.Conv(feature_group_count)."""
-
-  features: int
-  kernel: int
-  stride: int
-  padding: int
-  groups: int
-  kernel_init: nn.initializers.Initializer
-  bias_init: nn.initializers.Initializer
-  dtype: Any
-  group_impl: str = 'towers'
-  space_to_depth: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.shape[-1] % self.groups or self.features % self.groups:
-      raise ConfigError(f'groups={self.groups} must divide the {x.shape[-1]} input and '
-                       f'{self.features} output channels of {self.name}.')
-    kernel = self.param('kernel', self.kernel_init,
-                        (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features))
-    bias = self.param('bias', self.bias_init, (self.features,))
-    y = conv_towers(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
-                    padding=self.padding, groups=self.groups, impl=self.group_impl,
-                    space_to_depth=self.space_to_depth)
-    return y + bias.astype(self.dtype)
-
-
 INITS = ('paper', 'he')
+DTYPES = ('float32', 'bfloat16')  # computation dtypes; parameters stay float32
+
+# The config's `model` fields (configs/default.py) that take one of a few values...
+OPTIONS: dict[str, tuple[str, ...]] = {
+    'variant': tuple(VARIANTS), 'init': INITS, 'dtype': DTYPES,
+    'group_impl': layers.GROUP_IMPLS, 'lrn_impl': layers.LRN_IMPLS, 'pool_impl': layers.POOL_IMPLS,
+    'conv1_impl': layers.CONV1_IMPLS}
+# ... the ones that only change how layers run (same forward output, see alexnet_jax/layers.py) ...
+IMPLS = {field: OPTIONS[field] for field in ('group_impl', 'lrn_impl', 'pool_impl', 'conv1_impl')}
+# ... and the numeric ones: (test, what to say when it fails).
+RANGES = {
+    'groups': (lambda groups: groups >= 1, 'must be 1 (one tower) or more'),
+    'width': (lambda width: 0 < width <= 4, "must be in (0, 4]; 1 is the paper's network"),
+}
+
+
+def check_options(values: Mapping[str, Any]) -> None:
+  """Raises ConfigError for the first value of a model config (named as in its `model` section)
+  that `OPTIONS` or `RANGES` does not allow, or that the torchvision variant cannot have."""
+  for field, choices in OPTIONS.items():
+    if values[field] not in choices:
+      raise ConfigError(f'model.{field}={values[field]!r} is unknown; use one of {choices}.')
+  for field, (allowed, rule) in RANGES.items():
+    if not allowed(values[field]):
+      raise ConfigError(f'model.{field}={values[field]} {rule}.')
+  if values['variant'] == 'torchvision' and (values['lrn'] or values['groups'] != 1):
+    raise ConfigError("model.variant='torchvision' has no LRN and no towers; set "
+                      "--config.model.lrn=False --config.model.groups=1 (configs/torchvision.py).")
 
 
 def initializers(
@@ -275,7 +136,11 @@ def initializers(
 
 
 class AlexNet(nn.Module):
-  """AlexNet; `variant` picks the table, the other fields are the paper's switchable tricks."""
+  """AlexNet; `variant` picks the table, the other fields are the paper's switchable tricks.
+
+  The fields are the config's `model` fields (`from_config`); `check_options` checks them when the
+  module is built.
+  """
 
   num_classes: int = 1000
   variant: str = 'paper'
@@ -287,9 +152,8 @@ class AlexNet(nn.Module):
   init_scheme: str = 'paper'  # config model.init: INITS, see `initializers`
   bias_init: float = 1.0  # value of the "ones" biases (Caffe needed 0.1); 'paper' init only
   init_std: float = 0.01  # 'paper' init only
-  dtype: Any = jnp.float32  # computation dtype; parameters stay float32
-  # How the layers run (same forward output; see README "Benchmarks"): GROUP_IMPLS, LRN_IMPLS,
-  # POOL_IMPLS, CONV1_IMPLS.
+  dtype: Any = jnp.float32  # computation dtype (config model.dtype: DTYPES); parameters float32
+  # How the layers run (same forward output; see README "Benchmarks"): IMPLS.
   group_impl: str = 'towers'
   lrn_impl: str = 'reduce_window'
   pool_impl: str = 'reduce_window'
@@ -297,19 +161,8 @@ class AlexNet(nn.Module):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.variant not in VARIANTS:
-      raise ConfigError(f'model.variant={self.variant!r} is unknown; use one of {sorted(VARIANTS)}.')
-    for field, choices in (('group_impl', GROUP_IMPLS), ('lrn_impl', LRN_IMPLS),
-                           ('pool_impl', POOL_IMPLS), ('conv1_impl', CONV1_IMPLS)):
-      if getattr(self, field) not in choices:
-        raise ConfigError(f'model.{field}={getattr(self, field)!r} is unknown; use one of '
-                          f'{choices}.')
-    if self.init_scheme not in INITS:
-      raise ConfigError(f'model.init={self.init_scheme!r} is unknown; use one of {INITS}.')
-    if self.groups < 1:
-      raise ConfigError(f'model.groups={self.groups} must be 1 (one tower) or more.')
-    if not 0 < self.width <= 4:
-      raise ConfigError(f'model.width={self.width} must be in (0, 4]; 1 is the paper\'s network.')
+    values = {name: getattr(self, field.name) for name, field in config_fields().items()}
+    check_options({**values, 'dtype': jnp.dtype(self.dtype).name})
 
   def features(self, row: Conv | Dense) -> int:
     """A row's output channels (units) at `width`: a multiple of `groups` for convolutions, so
@@ -324,9 +177,7 @@ class AlexNet(nn.Module):
   def __call__(
       self, x: jax.Array, *, train: bool, example_ids: jax.Array | None = None
   ) -> jax.Array:
-    if min(x.shape[1:3]) < min_image_size(self):
-      raise ConfigError(f'input {x.shape[1]}x{x.shape[2]} is too small for this model: the side '
-                       f'must be at least {min_image_size(self)} (dataset.image_size).')
+    check_image_size(self, min(x.shape[1:3]), 'input side')
     if example_ids is None:
       example_ids = jnp.arange(x.shape[0])
     pool = 3 if self.overlapping_pool else 2
@@ -334,26 +185,26 @@ class AlexNet(nn.Module):
     for row in VARIANTS[self.variant]:
       kernel_init, bias_init = initializers(row, self.init_scheme, self.init_std, self.bias_init)
       if isinstance(row, Conv):
-        x = Conv2d(self.features(row), row.kernel, row.stride, row.padding,
-                   groups=self.groups if row.grouped else 1, kernel_init=kernel_init,
-                   bias_init=bias_init, dtype=self.dtype,
-                   group_impl=self.group_impl,
-                   space_to_depth=row.name == 'conv1' and self.conv1_impl == 'space_to_depth',
-                   name=row.name)(x)
+        x = layers.Conv2d(
+            self.features(row), row.kernel, row.stride, row.padding,
+            groups=self.groups if row.grouped else 1, kernel_init=kernel_init, bias_init=bias_init,
+            dtype=self.dtype, group_impl=self.group_impl,
+            space_to_depth=row.name == 'conv1' and self.conv1_impl == 'space_to_depth',
+            name=row.name)(x)
         x = nn.relu(x)
         if row.lrn and self.lrn:
-          x = local_response_norm(x, impl=self.lrn_impl)
+          x = layers.local_response_norm(x, impl=self.lrn_impl)
         conv_out = x
         if row.pool:
-          x = max_pool(x, pool, 2, self.pool_impl)
+          x = layers.max_pool(x, pool, 2, self.pool_impl)
         self.sow('intermediates', 'rows', (conv_out, x))
         continue
       if x.ndim == 4:  # first dense row: flatten H, W, C (in that order)
         if self.variant == 'torchvision':
-          x = adaptive_avg_pool(x, (TORCHVISION_POOL, TORCHVISION_POOL))
+          x = layers.adaptive_avg_pool(x, (TORCHVISION_POOL, TORCHVISION_POOL))
         x = x.reshape(x.shape[0], -1)
       if row.dropout and train and self.dropout_rate > 0:
-        x = per_example_dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
+        x = layers.per_example_dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
       x = nn.Dense(self.features(row), kernel_init=kernel_init,
                    bias_init=bias_init, dtype=self.dtype, name=row.name)(x)
       if row.relu:
@@ -362,15 +213,29 @@ class AlexNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-  """torch.nn.AdaptiveAvgPool2d on NHWC: bin i spans [floor(i*H/out), ceil((i+1)*H/out))."""
-  def pool_axis(x, axis, out):
-    size = x.shape[axis]
-    bins = [jnp.mean(jax.lax.slice_in_dim(x, (i * size) // out, -(-(i + 1) * size // out),
-                                          axis=axis), axis=axis, keepdims=True)
-            for i in range(out)]
-    return jnp.concatenate(bins, axis=axis)
-  return pool_axis(pool_axis(x, 1, output_size[0]), 2, output_size[1])
+# AlexNet field -> config field where the names differ (`init` is a flax Module method).
+CONFIG_NAMES = {'init_scheme': 'init'}
+# Config fields that older runs' config.json lacks; they take AlexNet's default.
+ADDED_LATER = ('width', 'init')
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+  """AlexNet's fields that a config's `model` section sets, by config name: all but num_classes
+  (the caller resolves model.num_classes=-1) and flax's parent and name."""
+  return {CONFIG_NAMES.get(field.name, field.name): field for field in dataclasses.fields(AlexNet)
+          if field.name not in ('num_classes', 'parent', 'name')}
+
+
+def from_config(model: ml_collections.ConfigDict, num_classes: int) -> AlexNet:
+  """The AlexNet that a config's `model` section describes (configs/default.py) with `num_classes`
+  outputs; the section's own num_classes is not read. Raises ConfigError for a value the model
+  cannot take (checked before the dtype name is looked up)."""
+  fields = config_fields()
+  values = {name: model.get(name, field.default) if name in ADDED_LATER else model[name]
+            for name, field in fields.items()}
+  check_options(values)
+  kwargs = {fields[name].name: value for name, value in values.items()}
+  return AlexNet(num_classes=num_classes, **{**kwargs, 'dtype': jnp.dtype(values['dtype'])})
 
 
 def min_image_size(model: AlexNet) -> int:
@@ -383,6 +248,13 @@ def min_image_size(model: AlexNet) -> int:
         side = (side - 1) * 2 + window
       side = (side - 1) * row.stride + row.kernel - 2 * row.padding
   return side
+
+
+def check_image_size(model: AlexNet, size: int, what: str = 'dataset.image_size') -> None:
+  """Raises ConfigError if an input side of `size` pixels is below `min_image_size(model)`."""
+  if size < min_image_size(model):
+    raise ConfigError(f'{what}={size} is too small for this model; use at least '
+                      f'{min_image_size(model)}.')
 
 
 def abstract_params(model: AlexNet, image_size: int) -> Any:
@@ -422,20 +294,24 @@ def forward_macs(model: AlexNet, image_size: int) -> int:
 
 
 def format_table(model: AlexNet, image_size: int) -> str:
-  """The architecture table with output shapes and parameter counts, as printed by the CLI."""
-  if image_size < min_image_size(model):
-    raise ConfigError(f'image size {image_size} is too small: this model needs at least '
-                     f'{min_image_size(model)} to keep a 1x1 map after the last pooling.')
+  """The architecture table with output shapes and parameter counts, as printed by the CLI; the
+  torchvision variant's average pool (to 6x6, before fc6) has a line of its own."""
+  check_image_size(model, image_size, 'image_size')
   rows = layer_table(model, image_size)
   width = '' if model.width == 1 else f', width={model.width:g}'
   lines = [f'AlexNet ({model.variant}, groups={model.groups}{width}, {model.num_classes} classes), '
            f'input {image_size}x{image_size}x3',
            f'{"layer":<8}{"output (HxWxC)":>28}{"parameters":>14}']
   shape = lambda s: 'x'.join(map(str, s))
+  line = lambda name, text, count: f'{name:<8}{text:>28}{count:>14,}'
+  last_conv = [row.name for row in VARIANTS[model.variant] if isinstance(row, Conv)][-1]
   for name, out, pooled, count in rows:
-    text = shape(out) if out == pooled else f'{shape(out)} -> {shape(pooled)}'
-    lines.append(f'{name:<8}{text:>28}{count:>14,}')
-  lines.append(f'{"total":<8}{"":>28}{sum(row[-1] for row in rows):>14,}')
+    lines.append(line(name, shape(out) if out == pooled else f'{shape(out)} -> {shape(pooled)}',
+                      count))
+    if name == last_conv and model.variant == 'torchvision':
+      averaged = (TORCHVISION_POOL, TORCHVISION_POOL, pooled[-1])
+      lines.append(line('avgpool', f'{shape(pooled)} -> {shape(averaged)}', 0))
+  lines.append(line('total', '', sum(row[-1] for row in rows)))
   return '\n'.join(lines)
 
 

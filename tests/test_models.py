@@ -1,13 +1,17 @@
+import dataclasses
 import hashlib
+import importlib
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from alexnet_jax import models
+from alexnet_jax import layers, models
+from alexnet_jax.errors import ConfigError
 from conftest import REPO
 
 
@@ -24,22 +28,22 @@ def lrn_reference(a, size=5, k=2.0, alpha=1e-4, beta=0.75):
 
 def test_lrn_matches_formula():
   a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 4, 11)).astype(np.float32)
-  np.testing.assert_allclose(models.local_response_norm(jnp.asarray(a)), lrn_reference(a),
+  np.testing.assert_allclose(layers.local_response_norm(jnp.asarray(a)), lrn_reference(a),
                              rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('impl', models.LRN_IMPLS)
+@pytest.mark.parametrize('impl', layers.LRN_IMPLS)
 def test_lrn_implementations_match_formula(impl):
   a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 4, 11)).astype(np.float32)
-  np.testing.assert_allclose(models.local_response_norm(jnp.asarray(a), impl=impl),
+  np.testing.assert_allclose(layers.local_response_norm(jnp.asarray(a), impl=impl),
                              lrn_reference(a), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(models.local_response_norm(jnp.asarray(a), beta=0.6, impl=impl),
+  np.testing.assert_allclose(layers.local_response_norm(jnp.asarray(a), beta=0.6, impl=impl),
                              lrn_reference(a, beta=0.6), rtol=1e-5, atol=1e-6)
 
 
 def test_lrn_bfloat16_input_accumulates_in_float32():
   a = np.random.default_rng(1).normal(scale=30.0, size=(1, 2, 2, 8)).astype(np.float32)
-  out = models.local_response_norm(jnp.asarray(a, jnp.bfloat16))
+  out = layers.local_response_norm(jnp.asarray(a, jnp.bfloat16))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), lrn_reference(a), rtol=2e-2)
 
@@ -74,7 +78,7 @@ def test_non_overlapping_pool_shapes():
 @pytest.mark.parametrize('kwargs,total', [
     ({}, 60_965_224),
     ({'groups': 1}, 62_378_344),
-    ({'variant': 'torchvision'}, 61_100_840),
+    ({'variant': 'torchvision', 'lrn': False, 'groups': 1}, 61_100_840),
 ])
 def test_parameter_counts(kwargs, total):
   assert sum(row[-1] for row in models.layer_table(models.AlexNet(**kwargs), 224)) == total
@@ -139,12 +143,12 @@ def test_towers_equal_xla_grouped_conv():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
-  a = models.conv_towers(x, k, stride=1, padding=1, groups=2, impl='towers')
-  b = models.conv_towers(x, k, stride=1, padding=1, groups=2, impl='grouped')
+  a = layers.conv_towers(x, k, stride=1, padding=1, groups=2, impl='towers')
+  b = layers.conv_towers(x, k, stride=1, padding=1, groups=2, impl='grouped')
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # Tower 0 only sees the first half of the input channels.
   x2 = x.at[..., 4:].set(0.0)
-  np.testing.assert_allclose(models.conv_towers(x2, k, stride=1, padding=1, groups=2)[..., :3],
+  np.testing.assert_allclose(layers.conv_towers(x2, k, stride=1, padding=1, groups=2)[..., :3],
                              a[..., :3], rtol=1e-5, atol=1e-5)
 
 
@@ -152,8 +156,8 @@ def test_block_diagonal_group_impl_equals_towers():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 7, 7, 6)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 2, 9)), jnp.float32)
-  np.testing.assert_allclose(models.conv_towers(x, k, stride=2, padding=1, groups=3, impl='block'),
-                             models.conv_towers(x, k, stride=2, padding=1, groups=3),
+  np.testing.assert_allclose(layers.conv_towers(x, k, stride=2, padding=1, groups=3, impl='block'),
+                             layers.conv_towers(x, k, stride=2, padding=1, groups=3),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -163,8 +167,8 @@ def test_space_to_depth_conv_equals_strided_conv(side, kernel, stride, padding):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(2, side, side + 1, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
-  plain = models.conv_towers(x, k, stride=stride, padding=padding, groups=1)
-  s2d = models.space_to_depth_conv(x, k, stride, padding)
+  plain = layers.conv_towers(x, k, stride=stride, padding=padding, groups=1)
+  s2d = layers.space_to_depth_conv(x, k, stride, padding)
   assert s2d.shape == plain.shape
   np.testing.assert_allclose(s2d, plain, rtol=1e-5, atol=1e-4)
 
@@ -172,8 +176,8 @@ def test_space_to_depth_conv_equals_strided_conv(side, kernel, stride, padding):
 @pytest.mark.parametrize('window,side', [(3, 13), (3, 55), (2, 12)])
 def test_max_pool_slices_equals_reduce_window(window, side):
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, side, side + 2, 4)), jnp.float32)
-  np.testing.assert_array_equal(models.max_pool(x, window, 2, 'slices'),
-                                models.max_pool(x, window, 2, 'reduce_window'))
+  np.testing.assert_array_equal(layers.max_pool(x, window, 2, 'slices'),
+                                layers.max_pool(x, window, 2, 'reduce_window'))
 
 
 @pytest.mark.parametrize('impls', [
@@ -214,8 +218,8 @@ def test_bfloat16_computation_keeps_float32_params():
 def test_dropout_mask_follows_example_id_not_position():
   x = jnp.ones((4, 32))
   rng = jax.random.PRNGKey(3)
-  a = models.per_example_dropout(x, 0.5, rng, jnp.array([10, 11, 12, 13]))
-  b = models.per_example_dropout(x[:2], 0.5, rng, jnp.array([13, 11]))
+  a = layers.per_example_dropout(x, 0.5, rng, jnp.array([10, 11, 12, 13]))
+  b = layers.per_example_dropout(x[:2], 0.5, rng, jnp.array([13, 11]))
   np.testing.assert_array_equal(a[3], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   assert set(np.unique(a).tolist()) == {0.0, 2.0}
@@ -227,3 +231,80 @@ def test_cli_prints_paper_total():
                        capture_output=True, text=True).stdout
   assert '60,965,224' in out.splitlines()[-1]
   assert '55x55x96 -> 27x27x96' in out
+
+
+def module_fields(model: models.AlexNet) -> dict:
+  return {field.name: getattr(model, field.name) for field in dataclasses.fields(model)
+          if field.name != 'parent'}
+
+
+@pytest.mark.parametrize('config_name', ['default', 'torchvision', 'imagenet', 'benchmark'])
+def test_from_config_builds_the_configured_module(config_name):
+  m = importlib.import_module(f'configs.{config_name}').get_config().model
+  # The config's fields spelled out one by one, as train.make_model built the module.
+  expected = models.AlexNet(
+      num_classes=7, variant=m.variant, lrn=m.lrn, overlapping_pool=m.overlapping_pool,
+      groups=m.groups, width=m.width, dropout_rate=m.dropout_rate, init_scheme=m.init,
+      bias_init=m.bias_init, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
+      group_impl=m.group_impl, lrn_impl=m.lrn_impl, pool_impl=m.pool_impl,
+      conv1_impl=m.conv1_impl)
+  assert module_fields(models.from_config(m, num_classes=7)) == module_fields(expected)
+
+
+def test_from_config_reads_older_configs_without_width_and_init():
+  fields = importlib.import_module('configs.default').get_config().model.items()
+  m = ml_collections.ConfigDict({key: value for key, value in fields
+                                 if key not in ('width', 'init')})
+  m.dtype = 'bfloat16'
+  model = models.from_config(m, num_classes=3)
+  assert (model.width, model.init_scheme, model.num_classes) == (1.0, 'paper', 3)
+  assert model.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('config_name,changes,message', [
+    ('default', {'lrn_impl': 'nope'},
+     "model.lrn_impl='nope' is unknown; use one of ('reduce_window', 'shifted', 'banded')."),
+    ('default', {'dtype': 'float16'},
+     "model.dtype='float16' is unknown; use one of ('float32', 'bfloat16')."),
+    ('default', {'variant': 'vgg'},
+     "model.variant='vgg' is unknown; use one of ('paper', 'torchvision')."),
+    ('torchvision', {'groups': 2},
+     "model.variant='torchvision' has no LRN and no towers; set --config.model.lrn=False "
+     "--config.model.groups=1 (configs/torchvision.py)."),
+    ('default', {'width': 0.0}, "model.width=0.0 must be in (0, 4]; 1 is the paper's network."),
+    ('default', {'groups': 0}, 'model.groups=0 must be 1 (one tower) or more.'),
+])
+def test_from_config_rejects_a_bad_option_in_one_line(config_name, changes, message):
+  m = importlib.import_module(f'configs.{config_name}').get_config().model
+  m.update(changes)
+  with pytest.raises(ConfigError) as e:
+    models.from_config(m, num_classes=10)
+  assert str(e.value) == message
+
+
+def test_module_checks_its_options_when_built():
+  with pytest.raises(ConfigError, match=r"^model.dtype='float16' is unknown"):
+    models.AlexNet(dtype=jnp.float16)
+  with pytest.raises(ConfigError, match=r"^model.variant='torchvision' has no LRN"):
+    models.AlexNet(variant='torchvision', groups=1)  # lrn=True by default
+
+
+def test_check_image_size_names_the_setting():
+  model = models.AlexNet(num_classes=10)
+  models.check_image_size(model, 63)
+  with pytest.raises(ConfigError) as e:
+    models.check_image_size(model, 62)
+  assert str(e.value) == 'dataset.image_size=62 is too small for this model; use at least 63.'
+  with pytest.raises(ConfigError, match=r'^image_size=40 is too small for this model; use at least '
+                                        r'63\.$'):
+    models.format_table(model, 40)
+
+
+def test_torchvision_table_shows_the_average_pool():
+  model = models.AlexNet(num_classes=10, variant='torchvision', lrn=False, groups=1)
+  for side, conv5 in ((63, '1x1x256'), (224, '6x6x256')):
+    lines = models.format_table(model, side).splitlines()
+    row = [line.split()[0] for line in lines].index('avgpool')
+    assert lines[row - 1].split()[0] == 'conv5' and lines[row + 1].split()[0] == 'fc6'
+    assert lines[row].split() == ['avgpool', conv5, '->', '6x6x256', '0']
+  assert 'avgpool' not in models.format_table(models.AlexNet(num_classes=10), 224)

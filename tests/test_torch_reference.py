@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from alexnet_jax import models
+from alexnet_jax import layers, models
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, 'experiments'))
@@ -25,7 +25,7 @@ def test_same_parameters_and_multiply_adds_as_the_jax_model():
 
 def test_torch_lrn_constants_are_the_papers_formula():
   a = np.random.default_rng(0).normal(scale=30.0, size=(2, 5, 6, 16)).astype(np.float32)
-  ours = models.local_response_norm(jnp.asarray(a))
+  ours = layers.local_response_norm(jnp.asarray(a))
   theirs = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)(
       torch.from_numpy(a).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
