@@ -28,6 +28,7 @@ def cli(module, *args):
 
 
 def test_ten_crop_prediction_is_the_mean_of_ten_softmaxes(config):
+  config.parallelism = 'jit'
   exp = experiment.build(config, 10, jax.devices()[:1])
   params, model = exp.init_state().params, exp.model
   images = np.random.default_rng(0).integers(0, 256, (3, 10, 63, 63, 3), dtype=np.uint8)

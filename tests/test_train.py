@@ -144,6 +144,7 @@ def test_cli_two_processes_on_localhost(tmp_path, digits_dir):
 def test_evaluate_counts_every_example_once(config, digits_dir):
   import jax
   from alexnet_jax import experiment, input_pipeline, steps
+  config.parallelism = 'jit'
   builder = input_pipeline.get_builder(config.dataset)
   val = input_pipeline.load_split(builder, 'validation', cache=False)
   exp = experiment.build(config, 10, jax.devices()[:1])
