@@ -74,6 +74,15 @@ def test_folder_set_trains_and_evaluates_from_the_cli(tmp_path):
   assert ten['crops'] == 10 and ten['num_examples'] == 9
   assert 0.0 <= ten['val_top1_error'] <= 1.0 and ten['val_loss'] != one['val_loss']
 
+  # No config: the run's own config.json (where the folder is, the model it trained).
+  assert evaluate.evaluate_checkpoint(None, str(workdir)) == one
+  # A config that would score another model is refused, and the scores on disk stay.
+  config.model.lrn = False
+  with pytest.raises(ValueError, match=r"^--config changes what .* was trained as "
+                                       r"\(model\.lrn: True -> False\); drop --config"):
+    evaluate.evaluate_checkpoint(config, str(workdir))
+  assert json.load(open(workdir / 'eval_1crop.json')) == one
+
 
 def test_fake_imagenet_trains_from_the_cli(tmp_path):
   fake_data.write_fake_imagenet(str(tmp_path / 'manual'))
