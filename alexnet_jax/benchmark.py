@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from alexnet_jax import experiment, models, steps
+from alexnet_jax import cli, experiment, models, steps
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.parallel import MODES, Parallel
 
@@ -229,37 +229,38 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join([f'Device: {", ".join(devices) or "unknown"}', '', format_table(rows)])
 
 
-def _cli() -> None:
-  from absl import app, flags
+def define_flags() -> None:
+  """Only when run as a program, so that importing this module defines no flags."""
+  from absl import flags
   from ml_collections import config_flags
-  config_flag = config_flags.DEFINE_config_file('config', None, 'configs/benchmark.py')
-  json_path = flags.DEFINE_string('json', None, 'Append one JSON object per measured row here.')
-  markdown = flags.DEFINE_string('markdown', None, 'Write the final table here.')
+  config_flags.DEFINE_config_file('config', None, 'configs/benchmark.py')
+  flags.DEFINE_string('json', None, 'Append one JSON object per measured row here.')
+  flags.DEFINE_string('markdown', None, 'Write the final table here.')
+  flags.mark_flags_as_required(['config'])
 
-  def main(argv: Sequence[str]) -> None:
-    del argv
-    if config_flag.value is None:
-      raise app.UsageError('give --config=configs/benchmark.py.')
-    print(format_table([]), flush=True)
 
-    def emit(row):
-      print(format_row(row), flush=True)
-      if json_path.value:
-        with open(json_path.value, 'a') as f:
-          f.write(json.dumps(row) + '\n')
+def main(args: list[str]) -> None:
+  del args  # none: cli.run refuses them
+  from absl import flags
+  json_path, markdown = flags.FLAGS.json, flags.FLAGS.markdown
+  for path, flag in ((json_path, '--json'), (markdown, '--markdown')):
+    if path:
+      cli.check_output(path, flag)
+  print(format_table([]), flush=True)
 
-    try:
-      rows = run(config_flag.value, emit)
-    except ConfigError as e:
-      raise SystemExit(f'error: {e}') from None
-    text = summary(rows)
-    print('\n' + text, flush=True)
-    if markdown.value:
-      with open(markdown.value, 'w') as f:
-        f.write(text + '\n')
+  def emit(row):
+    print(format_row(row), flush=True)
+    if json_path:
+      with open(json_path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
 
-  app.run(main)
+  text = summary(run(flags.FLAGS.config, emit))
+  print('\n' + text, flush=True)
+  if markdown:
+    with open(markdown, 'w') as f:
+      f.write(text + '\n')
 
 
 if __name__ == '__main__':
-  _cli()
+  cli.run(main, define_flags, 'python -m alexnet_jax.benchmark --config=configs/benchmark.py '
+          '[--json=FILE] [--markdown=FILE] [--config.FIELD=VALUE ...]')

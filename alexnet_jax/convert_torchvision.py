@@ -18,17 +18,16 @@ The layouts differ in three ways, each handled explicitly in `convert_state_dict
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
-from absl import app, flags, logging
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from alexnet_jax import models, predict
-from alexnet_jax.errors import ConfigError, parse_flags
+from alexnet_jax import cli, models, predict
+from alexnet_jax.errors import ConfigError
 
 # Our layer -> torchvision's module (AlexNet.features / AlexNet.classifier indices).
 TORCH_MODULES = {'conv1': 'features.0', 'conv2': 'features.3', 'conv3': 'features.6',
@@ -161,30 +160,26 @@ def define_flags() -> None:
                       '(default: ImageNet synsets when there are 1000 classes).')
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) != 3:
-    raise app.UsageError('usage: python -m alexnet_jax.convert_torchvision PATH OUTDIR '
-                         '[--config=configs/torchvision.py] [--class_names=FILE]')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  path, outdir = argv[1:]
-  try:
-    params = convert_state_dict(load_state_dict(path))
-    num_classes = params['fc8']['bias'].shape[0]
-    names = None
-    if FLAGS.class_names:
+def main(args: list[str]) -> None:
+  path, outdir = args
+  names = None
+  if FLAGS.class_names:  # read before the weights: a wrong path fails at once
+    try:
       with open(FLAGS.class_names) as f:
         names = f.read().splitlines()
-    elif num_classes == 1000:
-      names = list(predict.imagenet_classes())  # ImageNet's synsets, in label order
-    write_workdir(params, outdir, FLAGS.config, names)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
+    except OSError as e:
+      raise ConfigError(f'--class_names={FLAGS.class_names} cannot be read ({e.strerror}); pass a '
+                        f'file with one class name a line.') from None
+  params = convert_state_dict(load_state_dict(path))
+  num_classes = params['fc8']['bias'].shape[0]
+  if names is None and num_classes == 1000:
+    names = list(predict.imagenet_classes())  # ImageNet's synsets, in label order
+  write_workdir(params, outdir, FLAGS.config, names)
   print(f'{path}: torchvision AlexNet, {num_classes} classes, '
         f'{models.count_params(params):,} parameters -> {outdir} (step 0)'
         f'{"" if names else "; no class names (pass --class_names=FILE)"}')
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, define_flags, 'python -m alexnet_jax.convert_torchvision PATH OUTDIR '
+          '[--config=configs/torchvision.py] [--class_names=FILE]', num_args=(2, 2))

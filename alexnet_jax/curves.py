@@ -7,6 +7,7 @@ Used by `python -m alexnet_jax.plot` (one figure per set of runs) and `python -m
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from typing import Sequence
@@ -44,7 +45,8 @@ def read_run(workdir: str) -> Run:
   repeats the steps after it) keeps its newest line."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    raise ConfigError(f'{path} does not exist; pass the --workdir of a training run.')
+    raise ConfigError(f'{path} does not exist; pass the --workdir of a training run or of a '
+                      f'sweep.')
   train: dict[int, dict[str, float]] = {}
   evals: dict[int, dict[str, float]] = {}
   with open(path) as f:
@@ -53,6 +55,17 @@ def read_run(workdir: str) -> Run:
         record = json.loads(line)
         (evals if 'val_top1_error' in record else train)[record['step']] = record
   return Run(workdir, [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)])
+
+
+def read_runs(workdirs: Sequence[str]) -> list[Run]:
+  """`read_run` of each workdir; a sweep's workdir (python -m alexnet_jax.sweep), which has no
+  metrics.jsonl of its own, stands for its trials (its subdirectories that have one), by name."""
+  runs = []
+  for workdir in workdirs:
+    trials = ([] if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else
+              sorted(glob.glob(os.path.join(glob.escape(workdir), '*', 'metrics.jsonl'))))
+    runs += [read_run(os.path.dirname(t)) for t in trials] or [read_run(workdir)]
+  return runs
 
 
 def plot_runs(runs: Sequence[Run], labels: Sequence[str] | None = None) -> matplotlib.figure.Figure:

@@ -17,25 +17,24 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
-from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from alexnet_jax.errors import ConfigError, parse_flags
+from alexnet_jax import cli
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """Only when run as a program, so that importing the functions defines no flags."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, "Config file (configs/*.py); default: the run's "
+                                  'own config.json.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Training directory holding checkpoints/.')
   flags.DEFINE_enum('crops', '1', ['1', '10'], "Center crop, or the paper's 10 crops.")
   flags.DEFINE_integer('checkpoint', None, 'Step to evaluate (default: the newest).')
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, crops: int = 1,
@@ -71,20 +70,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   return result
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    r = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, int(FLAGS.crops), FLAGS.checkpoint)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
+def main(args: list[str]) -> None:
+  del args  # none: cli.run refuses them
+  r = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, int(FLAGS.crops), FLAGS.checkpoint)
   print(f'step {r["step"]} {r["split"]} ({r["num_examples"]} images, {r["crops"]} crop'
         f'{"s" if r["crops"] > 1 else ""}): top-1 error {r["val_top1_error"]:.4f} '
         f'top-5 error {r["val_top5_error"]:.4f} loss {r["val_loss"]:.4f}', flush=True)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, define_flags, 'python -m alexnet_jax.evaluate --workdir=DIR [--config=FILE] '
+          '[--crops=1|10] [--checkpoint=STEP]')

@@ -6,43 +6,39 @@ Running the same command again on the same workdir resumes from its newest check
 
 from __future__ import annotations
 
-import sys
-from typing import Sequence
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import errors
+from alexnet_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.mark_flags_as_required(['config', 'workdir'])
-# Multi-host: either all three by hand, or --distributed for JAX's cluster auto-detection.
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0 (multi-host runs started by hand).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'jax.distributed.initialize() from the cluster environment (SLURM, '
-    'Open MPI, Kubernetes...); not needed with --coordinator_address.')
+FLAGS = flags.FLAGS
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if _COORDINATOR.value or _DISTRIBUTED.value:
+def define_flags() -> None:
+  """Only when run as a program, so that importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  # Multi-host: either all three by hand, or --distributed for JAX's cluster auto-detection.
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0 (multi-host runs started by hand).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+  flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
+  flags.DEFINE_bool(
+      'distributed', False, 'jax.distributed.initialize() from the cluster environment (SLURM, '
+      'Open MPI, Kubernetes...); not needed with --coordinator_address.')
+
+
+def main(args: list[str]) -> None:
+  del args  # none: cli.run refuses them
+  if FLAGS.coordinator_address or FLAGS.distributed:
     import jax
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from alexnet_jax import train  # imported late so --help stays fast
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (errors.ConfigError, errors.TrainingStopped) as e:
-    sys.exit(f'error: {e}')
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=errors.parse_flags)
+  cli.run(main, define_flags, 'python -m alexnet_jax.main --config=FILE --workdir=DIR '
+          '[--config.FIELD=VALUE ...]')

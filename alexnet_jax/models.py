@@ -316,26 +316,30 @@ def format_table(model: AlexNet, image_size: int) -> str:
 
 
 def _cli() -> None:
-  from absl import app, flags
-  variant = flags.DEFINE_enum('variant', 'paper', sorted(VARIANTS), 'Which architecture table.')
-  num_classes = flags.DEFINE_integer('num_classes', 1000, 'Size of fc8.')
-  groups = flags.DEFINE_integer('groups', None, 'Towers in conv2/4/5 of the paper variant '
-                                '(default 2; 1 = one tower). torchvision has none.')
-  image_size = flags.DEFINE_integer('image_size', 224, 'Input side in pixels.')
+  """`python -m alexnet_jax.models`: the table of one model (alexnet_jax/cli.py's shape)."""
+  from absl import flags
+  from alexnet_jax import cli
+  FLAGS = flags.FLAGS
 
-  def main(argv: Sequence[str]) -> None:
-    del argv
-    paper = variant.value == 'paper'
-    if not paper and groups.value not in (None, 1):
-      raise app.UsageError('--groups applies to --variant=paper only; torchvision has no towers.')
-    model = AlexNet(num_classes=num_classes.value, variant=variant.value, lrn=paper,
-                    groups=(groups.value or 2) if paper else 1)
-    try:
-      print(format_table(model, image_size.value))
-    except ValueError as e:
-      raise SystemExit(f'error: {e}') from None
+  def define_flags() -> None:
+    flags.DEFINE_enum('variant', 'paper', sorted(VARIANTS), 'Which architecture table.')
+    flags.DEFINE_integer('num_classes', 1000, 'Size of fc8.', lower_bound=1)
+    flags.DEFINE_integer('groups', None, 'Towers in conv2/4/5 of the paper variant (default 2; '
+                         '1 = one tower). torchvision has none.')
+    flags.DEFINE_integer('image_size', 224, 'Input side in pixels.')
 
-  app.run(main)
+  def main(args: list[str]) -> None:
+    del args  # none: cli.run refuses them
+    paper = FLAGS.variant == 'paper'
+    if not paper and FLAGS.groups not in (None, 1):
+      raise ConfigError(f'--groups={FLAGS.groups} applies to --variant=paper only; torchvision '
+                        f'has no towers.')
+    model = AlexNet(num_classes=FLAGS.num_classes, variant=FLAGS.variant, lrn=paper,
+                    groups=(FLAGS.groups or 2) if paper else 1)
+    print(format_table(model, FLAGS.image_size))
+
+  cli.run(main, define_flags, 'python -m alexnet_jax.models [--variant=paper|torchvision] '
+          '[--groups=1|2] [--num_classes=N] [--image_size=N]')
 
 
 if __name__ == '__main__':

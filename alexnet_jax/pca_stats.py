@@ -14,15 +14,15 @@ descending order, `eigvec` with rows R, G, B and one eigenvector per column (the
 from __future__ import annotations
 
 import json
-import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
-from absl import app, flags
+from absl import flags
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from alexnet_jax.errors import ConfigError, parse_flags
+from alexnet_jax import cli
+from alexnet_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -69,13 +69,10 @@ def split_statistics(config: ml_collections.ConfigDict, num_images: int = -1) ->
   return rgb_statistics(tfds.as_numpy(ds.batch(64).prefetch(2)))
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    stats = split_statistics(FLAGS.config, FLAGS.num_images)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
+def main(args: list[str]) -> None:
+  del args  # none: cli.run refuses them
+  cli.check_output(FLAGS.output, '--output')
+  stats = split_statistics(FLAGS.config, FLAGS.num_images)
   with open(FLAGS.output, 'w') as f:
     json.dump(stats, f, indent=1)
   print(f'{stats["num_images"]} images: eigval {np.round(stats["eigval"], 5).tolist()} '
@@ -84,5 +81,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, define_flags, 'python -m alexnet_jax.pca_stats --config=FILE --output=FILE.json '
+          '[--num_images=N]')

@@ -15,10 +15,10 @@ import os
 import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
 
-from alexnet_jax.errors import ConfigError, parse_flags
+from alexnet_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -85,16 +85,9 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: 
   return results
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) < 2:
-    raise app.UsageError('usage: python -m alexnet_jax.predict --checkpoint=DIR IMAGE...')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    results = predict(FLAGS.checkpoint, argv[1:], FLAGS.step, FLAGS.top_k)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
-  for path, top in zip(argv[1:], results):
+def main(args: list[str]) -> None:
+  results = predict(FLAGS.checkpoint, args, FLAGS.step, FLAGS.top_k)
+  for path, top in zip(args, results):
     if isinstance(top, str):
       continue
     print(path)
@@ -109,5 +102,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, define_flags, 'python -m alexnet_jax.predict --checkpoint=DIR [--step=STEP] '
+          '[--top_k=5] IMAGE...', num_args=(1, None))

@@ -13,42 +13,39 @@ where the set is and its size. Killed, it restarts where it stopped when run aga
 
 from __future__ import annotations
 
-import sys
-from typing import Sequence
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from alexnet_jax import errors
+from alexnet_jax import cli
+from alexnet_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                          lock_config=True)
-_CHUNK = flags.DEFINE_integer('chunk_size', 1024, 'Images per restart unit: a killed preparation '
-                              'redoes at most one chunk.')
-_KILL = flags.DEFINE_integer('debug_kill_after_chunks', 0, 'Test hook: SIGKILL this process after '
-                             'writing this many chunks.')
-flags.mark_flags_as_required(['config'])
+FLAGS = flags.FLAGS
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  if _CHUNK.value <= 0:
-    sys.exit(f'error: --chunk_size={_CHUNK.value} must be positive.')
+def define_flags() -> None:
+  """Only when run as a program, so that importing this module defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_integer('chunk_size', 1024, 'Images per restart unit: a killed preparation redoes '
+                       'at most one chunk.')
+  flags.DEFINE_integer('debug_kill_after_chunks', 0, 'Test hook: SIGKILL this process after '
+                       'writing this many chunks.')
+  flags.mark_flags_as_required(['config'])
+
+
+def main(args: list[str]) -> None:
+  del args  # none: cli.run refuses them
+  if FLAGS.chunk_size <= 0:
+    raise ConfigError(f'--chunk_size={FLAGS.chunk_size} must be positive.')
   from alexnet_jax import input_pipeline
   from alexnet_jax.datasets import prepared
-  config = _CONFIG.value.dataset
-  try:
-    config.prepared = True
-    builder = input_pipeline.get_builder(config, chunk_size=_CHUNK.value,
-                                         kill_after_chunks=_KILL.value)
-  except errors.ConfigError as e:
-    sys.exit(f'error: {e}')
+  config = FLAGS.config.dataset
+  config.prepared = True
+  builder = input_pipeline.get_builder(config, chunk_size=FLAGS.chunk_size,
+                                       kill_after_chunks=FLAGS.debug_kill_after_chunks)
   print(f'Ready: {builder.builder_config.name}, {prepared.disk_bytes(builder) / 2**20:.1f} MiB in '
         f'{builder.data_dir}; train on it with the same config and --config.dataset.prepared=True.')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=errors.parse_flags)
+  cli.run(main, define_flags, 'python -m alexnet_jax.prepare --config=FILE [--chunk_size=N] '
+          '[--config.FIELD=VALUE ...]')

@@ -68,10 +68,20 @@ def load_sweep(path: str) -> list[Overrides]:
   if spec is None or not os.path.isfile(path):
     raise ConfigError(f'--sweep={path} is not a file; pass a configs/sweeps/*.py file.')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_sweep'):
+  try:
+    spec.loader.exec_module(module)
+    sweep = module.get_sweep() if hasattr(module, 'get_sweep') else None
+  except Exception as e:  # the file's own error, whatever it is: one line naming it
+    reason = (f'line {e.lineno}: {e.msg}' if isinstance(e, SyntaxError)
+              else (str(e).strip().splitlines() or [''])[-1])
+    raise ConfigError(f'--sweep={path} cannot be loaded ({type(e).__name__}: {reason}); fix that '
+                      f'file.') from None
+  if sweep is None:
     raise ConfigError(f'{path} defines no get_sweep(); it must return a list of override dicts.')
-  return list(module.get_sweep())
+  if not isinstance(sweep, (list, tuple)) or not all(isinstance(o, dict) for o in sweep):
+    raise ConfigError(f'get_sweep() of {path} returned {str(sweep)[:80]}; it must return a list '
+                      f'of override dicts.')
+  return list(sweep)
 
 
 def trial_name(overrides: Overrides) -> str:

@@ -54,7 +54,28 @@ def test_plot_cli_writes_png(tmp_path):
   with open(tmp_path / 'c.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert (tmp_path / 'c.png').stat().st_size > 10_000
-  missing = subprocess.run([sys.executable, '-m', 'alexnet_jax.plot', f'--workdir={tmp_path}'],
+  (tmp_path / 'empty').mkdir()
+  missing = subprocess.run([sys.executable, '-m', 'alexnet_jax.plot', str(tmp_path / 'empty')],
                            cwd=REPO, capture_output=True, text=True)
   assert missing.returncode != 0
-  assert 'metrics.jsonl does not exist; pass the --workdir of a training run' in missing.stderr
+  assert missing.stderr.strip() == (f'error: {tmp_path / "empty" / "metrics.jsonl"} does not '
+                                    f'exist; pass the --workdir of a training run or of a sweep.')
+
+
+def test_plot_cli_draws_every_trial_of_a_sweep(tmp_path):
+  sweep = tmp_path / 'sweep'  # as python -m alexnet_jax.sweep leaves it
+  write_run(sweep / 'model.lrn=False', [0.01, 0.001])
+  write_run(sweep / 'base', [0.01, 0.01])
+  (sweep / 'results.csv').write_text('')
+  (sweep / 'not_started').mkdir()
+  write_run(tmp_path / 'single', [0.02])
+  out = subprocess.run([sys.executable, '-m', 'alexnet_jax.plot', str(sweep),
+                        str(tmp_path / 'single')], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == f'wrote {sweep / "curves.png"}'
+  assert (sweep / 'curves.png').stat().st_size > 10_000
+  runs = curves.read_runs([str(sweep), str(tmp_path / 'single')])
+  assert [r.workdir for r in runs] == [str(sweep / 'base'), str(sweep / 'model.lrn=False'),
+                                       str(tmp_path / 'single')]
+  legend = curves.plot_runs(runs).axes[0].get_legend().get_texts()
+  assert [t.get_text() for t in legend] == ['base', 'model.lrn=False', 'single']

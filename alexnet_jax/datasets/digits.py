@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+from alexnet_jax.datasets.local import LocalBuilder
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+
+class Digits(LocalBuilder):
   """scikit-learn `load_digits`, served through TFDS."""
 
   VERSION = tfds.core.Version('1.0.0')

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 import tensorflow_datasets as tfds
 
+from alexnet_jax.datasets.local import LocalBuilder
 from alexnet_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -80,7 +81,7 @@ def to_plain_image(data: bytes) -> bytes:
   return buffer.getvalue()
 
 
-class Folder(tfds.core.GeneratorBasedBuilder):
+class Folder(LocalBuilder):
   """Images in `DIR/<split>/<class>/`; see the module docstring."""
 
   VERSION = tfds.core.Version('1.0.0')

@@ -39,12 +39,13 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from alexnet_jax import input_pipeline as ip
+from alexnet_jax.datasets.local import LocalBuilder
 from alexnet_jax.errors import ConfigError
 
 CHUNK = 1024  # images per restart unit
 
 
-class Prepared(tfds.core.GeneratorBasedBuilder):
+class Prepared(LocalBuilder):
   """The R×R squares of `source`; see the module docstring."""
 
   VERSION = tfds.core.Version('1.0.0')
