@@ -21,7 +21,6 @@ device-side normalisation and lighting cost (experiments/gpu_report.py states it
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
 import time

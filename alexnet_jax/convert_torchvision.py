@@ -21,7 +21,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 from absl import flags
-import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags

@@ -14,7 +14,6 @@ that would change the model or its preprocessing is refused.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -23,6 +22,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from alexnet_jax import cli
+from alexnet_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 

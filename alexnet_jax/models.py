@@ -14,7 +14,7 @@ conv1 is padded by 2 on each side (as torchvision does) so that a 224 crop gives
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax

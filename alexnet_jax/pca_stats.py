@@ -59,10 +59,12 @@ def split_statistics(config: ml_collections.ConfigDict, num_images: int = -1) ->
   """`rgb_statistics` of the first `num_images` (-1: all) of `dataset.train_split`, resized."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  from alexnet_jax import experiment, input_pipeline as ip, train
+  from alexnet_jax import input_pipeline as ip
+  from alexnet_jax.preprocess import Preprocess
 
   split = ip.load_split(ip.get_builder(config.dataset), config.dataset.train_split, cache=False)
-  size = experiment.build(config, train.num_classes_of(config, split)).pre.resize_size
+  # Only the preprocessing (the seam's Preprocess): the statistics do not depend on the model.
+  size = Preprocess.from_config(config.dataset).resize_size
   ds = split.records.take(num_images).map(
       lambda ex: tf.cast(ip.square_image(ex['image'], size, split.stored), tf.float32) / 255,
       num_parallel_calls=tf.data.AUTOTUNE)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from alexnet_jax import train
-from alexnet_jax.parallel import Parallel
 from conftest import REPO
 
 EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
