@@ -70,12 +70,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   return result
 
 
+def summary(r: dict[str, float]) -> str:
+  """The line the command prints for `evaluate_checkpoint`'s result."""
+  return (f'step {r["step"]} {r["split"]} ({r["num_examples"]} images, {r["crops"]} crop'
+          f'{"s" if r["crops"] > 1 else ""}): top-1 error {r["val_top1_error"]:.4f} '
+          f'top-5 error {r["val_top5_error"]:.4f} loss {r["val_loss"]:.4f}')
+
+
 def main(args: list[str]) -> None:
   del args  # none: cli.run refuses them
-  r = evaluate_checkpoint(FLAGS.config, FLAGS.workdir, int(FLAGS.crops), FLAGS.checkpoint)
-  print(f'step {r["step"]} {r["split"]} ({r["num_examples"]} images, {r["crops"]} crop'
-        f'{"s" if r["crops"] > 1 else ""}): top-1 error {r["val_top1_error"]:.4f} '
-        f'top-5 error {r["val_top5_error"]:.4f} loss {r["val_loss"]:.4f}', flush=True)
+  print(summary(evaluate_checkpoint(FLAGS.config, FLAGS.workdir, int(FLAGS.crops),
+                                    FLAGS.checkpoint)), flush=True)
 
 
 if __name__ == '__main__':
