@@ -22,35 +22,34 @@ LRN_IMPLS = ('reduce_window', 'shifted', 'banded')
 
 def local_response_norm(
     x: jax.Array, *, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75,
-    impl: str = 'reduce_window'
+    impl: str = 'reduce_window', groups: int = 1
 ) -> jax.Array:
   """Paper §3.3: b_i = a_i / (k + alpha * sum_{|j-i|<=size//2} a_j^2) ** beta, across channels.
 
   alpha is *not* divided by `size` (Caffe and PyTorch divide it). The sum is accumulated in float32
-  whatever the input dtype. `impl` only changes how the window sum over channels is computed:
+  whatever the input dtype. With `groups` > 1 the channels are that many equal towers and the window
+  stops at each tower's edges, as if each tower were normalised alone (the paper's two GPUs; §3.3).
+  `impl` only changes how the window sum over channels is computed:
     reduce_window — XLA's window reduction (a separate pass on GPU);
     shifted — the sum of `size` shifted copies of a^2, one elementwise pass XLA can fuse with the
               ReLU before and the division after;
-    banded — a^2 (in the input dtype) times a 0/1 (C x C) band matrix, a 1x1 contraction that runs
-             on the matrix units, accumulated in float32 (on GPUs float32 inputs use TF32 there).
+    banded — a^2 (in the input dtype) times a 0/1 (C x C) band matrix (block-diagonal, one block
+             per tower), a 1x1 contraction that runs on the matrix units, accumulated in float32
+             (on GPUs float32 inputs use TF32 there).
   """
   x32 = x.astype(jnp.float32)
   half = size // 2
   channels = x.shape[-1]
-  if impl == 'reduce_window':
-    window_sum = jax.lax.reduce_window(
-        jnp.square(x32), 0.0, jax.lax.add,
-        window_dimensions=(1,) * (x.ndim - 1) + (size,),
-        window_strides=(1,) * x.ndim,
-        padding=((0, 0),) * (x.ndim - 1) + ((half, half),))
-  elif impl == 'shifted':
-    padded = jnp.pad(jnp.square(x32), ((0, 0),) * (x.ndim - 1) + ((half, half),))
-    window_sum = sum(jax.lax.slice_in_dim(padded, i, i + channels, axis=-1) for i in range(size))
-  else:  # 'banded'
+  if impl == 'banded':
     index = np.arange(channels)
-    band = jnp.asarray(np.abs(index[:, None] - index[None, :]) <= half, x.dtype)
-    window_sum = jax.lax.dot_general(jnp.square(x), band, (((x.ndim - 1,), (0,)), ((), ())),
+    tower = index // (channels // groups)
+    band = (np.abs(index[:, None] - index[None, :]) <= half) & (tower[:, None] == tower[None, :])
+    window_sum = jax.lax.dot_general(jnp.square(x), jnp.asarray(band, x.dtype),
+                                     (((x.ndim - 1,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
+  else:  # the towers as an axis of their own; the window runs along the last one
+    squares = jnp.square(x32).reshape(*x.shape[:-1], groups, channels // groups)
+    window_sum = _window_sum(squares, size, impl).reshape(x.shape)
   denom = k + alpha * window_sum
   if beta == 0.75:  # d^-3/4 without pow's exp/log, forward and backward
     inv_sqrt = jax.lax.rsqrt(denom)
@@ -58,6 +57,19 @@ def local_response_norm(
   else:
     scale = denom ** -beta
   return (x32 * scale).astype(x.dtype)
+
+
+def _window_sum(squares: jax.Array, size: int, impl: str) -> jax.Array:
+  """Sum over a window of `size` along the last axis, zero beyond its ends ('reduce_window' or
+  'shifted', see `local_response_norm`)."""
+  half = size // 2
+  pad = ((0, 0),) * (squares.ndim - 1) + ((half, half),)
+  if impl == 'reduce_window':
+    return jax.lax.reduce_window(squares, 0.0, jax.lax.add,
+                                 window_dimensions=(1,) * (squares.ndim - 1) + (size,),
+                                 window_strides=(1,) * squares.ndim, padding=pad)
+  padded = jnp.pad(squares, pad)
+  return sum(jax.lax.slice_in_dim(padded, i, i + squares.shape[-1], axis=-1) for i in range(size))
 
 
 POOL_IMPLS = ('reduce_window', 'slices')

@@ -76,7 +76,19 @@ TORCHVISION = (
     Dense('fc8', None, relu=False),
 )
 
-VARIANTS = {'paper': PAPER, 'torchvision': TORCHVISION}
+# §3.2's baseline, "a net with half as many kernels in each convolutional layer trained on one GPU":
+# one tower of 48-128-192-192-256 kernels (its footnote: conv5 and the fully connected layers keep
+# their size, so both nets have about as many parameters), LRN and pooling as in PAPER.
+PAPER_ONE_GPU = (
+    Conv('conv1', 48, 11, stride=4, padding=2, lrn=True, pool=True),
+    Conv('conv2', 128, 5, padding=2, bias_one=True, lrn=True, pool=True),
+    Conv('conv3', 192, 3, padding=1),
+    Conv('conv4', 192, 3, padding=1, bias_one=True),
+    Conv('conv5', 256, 3, padding=1, bias_one=True, pool=True),
+    *PAPER[5:],
+)
+
+VARIANTS = {'paper': PAPER, 'torchvision': TORCHVISION, 'paper_one_gpu': PAPER_ONE_GPU}
 TORCHVISION_POOL = 6  # torchvision averages conv5's pooled map to 6x6 (nn.AdaptiveAvgPool2d)
 
 
@@ -85,12 +97,20 @@ def layer_names(variant: str) -> tuple[str, ...]:
   return tuple(row.name for row in VARIANTS[variant])
 
 
+def has_towers(variant: str) -> bool:
+  """Whether a variant's table has layers split into towers (otherwise model.groups must be 1)."""
+  return any(isinstance(row, Conv) and row.grouped for row in VARIANTS[variant])
+
+
 INITS = ('paper', 'he')
 DTYPES = ('float32', 'bfloat16')  # computation dtypes; parameters stay float32
+# LRN's window with towers (groups > 1): within each tower's channels (the paper's, §3.3), or
+# across all of them; conv1 counts as `groups` towers here too (AlexNet.lrn_scope).
+LRN_SCOPES = ('tower', 'all')
 
 # The config's `model` fields (configs/default.py) that take one of a few values...
 OPTIONS: dict[str, tuple[str, ...]] = {
-    'variant': tuple(VARIANTS), 'init': INITS, 'dtype': DTYPES,
+    'variant': tuple(VARIANTS), 'init': INITS, 'dtype': DTYPES, 'lrn_scope': LRN_SCOPES,
     'group_impl': layers.GROUP_IMPLS, 'lrn_impl': layers.LRN_IMPLS, 'pool_impl': layers.POOL_IMPLS,
     'conv1_impl': layers.CONV1_IMPLS}
 # ... the ones that only change how layers run (same forward output, see alexnet_jax/layers.py) ...
@@ -114,6 +134,9 @@ def check_options(values: Mapping[str, Any]) -> None:
   if values['variant'] == 'torchvision' and (values['lrn'] or values['groups'] != 1):
     raise ConfigError("model.variant='torchvision' has no LRN and no towers; set "
                       "--config.model.lrn=False --config.model.groups=1 (configs/torchvision.py).")
+  if values['groups'] != 1 and not has_towers(values['variant']):
+    raise ConfigError(f"model.variant={values['variant']!r} has no towers; set "
+                      f"--config.model.groups=1.")
 
 
 def initializers(
@@ -144,7 +167,8 @@ class AlexNet(nn.Module):
 
   num_classes: int = 1000
   variant: str = 'paper'
-  lrn: bool = True  # §3.3 local response normalisation (paper variant only)
+  lrn: bool = True  # §3.3 local response normalisation (paper variants only)
+  lrn_scope: str = 'tower'  # LRN_SCOPES: within each tower (the paper's) or across all channels
   overlapping_pool: bool = True  # §3.4: 3x3/2 pooling; False: 2x2/2
   groups: int = 2  # §3.2: two towers; 1: one tower with the same widths
   width: float = 1.0  # every row's channels/units times this (1: the table's); small = fast tests
@@ -193,7 +217,8 @@ class AlexNet(nn.Module):
             name=row.name)(x)
         x = nn.relu(x)
         if row.lrn and self.lrn:
-          x = layers.local_response_norm(x, impl=self.lrn_impl)
+          x = layers.local_response_norm(
+              x, impl=self.lrn_impl, groups=self.groups if self.lrn_scope == 'tower' else 1)
         conv_out = x
         if row.pool:
           x = layers.max_pool(x, pool, 2, self.pool_impl)
@@ -215,8 +240,9 @@ class AlexNet(nn.Module):
 
 # AlexNet field -> config field where the names differ (`init` is a flax Module method).
 CONFIG_NAMES = {'init_scheme': 'init'}
-# Config fields that older runs' config.json lacks; they take AlexNet's default.
-ADDED_LATER = ('width', 'init')
+# Config fields that older runs' config.json lacks -> the value those runs had (LRN ran across
+# all channels before lrn_scope existed).
+ADDED_LATER = {'width': 1.0, 'init': 'paper', 'lrn_scope': 'all'}
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -231,8 +257,8 @@ def from_config(model: ml_collections.ConfigDict, num_classes: int) -> AlexNet:
   outputs; the section's own num_classes is not read. Raises ConfigError for a value the model
   cannot take (checked before the dtype name is looked up)."""
   fields = config_fields()
-  values = {name: model.get(name, field.default) if name in ADDED_LATER else model[name]
-            for name, field in fields.items()}
+  values = {name: model.get(name, ADDED_LATER[name]) if name in ADDED_LATER else model[name]
+            for name in fields}
   check_options(values)
   kwargs = {fields[name].name: value for name, value in values.items()}
   return AlexNet(num_classes=num_classes, **{**kwargs, 'dtype': jnp.dtype(values['dtype'])})
@@ -325,20 +351,21 @@ def _cli() -> None:
     flags.DEFINE_enum('variant', 'paper', sorted(VARIANTS), 'Which architecture table.')
     flags.DEFINE_integer('num_classes', 1000, 'Size of fc8.', lower_bound=1)
     flags.DEFINE_integer('groups', None, 'Towers in conv2/4/5 of the paper variant (default 2; '
-                         '1 = one tower). torchvision has none.')
+                         '1 = one tower). The other variants have none.')
     flags.DEFINE_integer('image_size', 224, 'Input side in pixels.')
 
   def main(args: list[str]) -> None:
     del args  # none: cli.run refuses them
-    paper = FLAGS.variant == 'paper'
-    if not paper and FLAGS.groups not in (None, 1):
-      raise ConfigError(f'--groups={FLAGS.groups} applies to --variant=paper only; torchvision '
-                        f'has no towers.')
-    model = AlexNet(num_classes=FLAGS.num_classes, variant=FLAGS.variant, lrn=paper,
-                    groups=(FLAGS.groups or 2) if paper else 1)
+    towers = has_towers(FLAGS.variant)
+    if not towers and FLAGS.groups not in (None, 1):
+      raise ConfigError(f'--groups={FLAGS.groups} applies to --variant=paper only; '
+                        f'{FLAGS.variant} has no towers.')
+    model = AlexNet(num_classes=FLAGS.num_classes, variant=FLAGS.variant,
+                    lrn=FLAGS.variant != 'torchvision', groups=(FLAGS.groups or 2) if towers else 1)
     print(format_table(model, FLAGS.image_size))
 
-  cli.run(main, define_flags, 'python -m alexnet_jax.models [--variant=paper|torchvision] '
+  cli.run(main, define_flags, 'python -m alexnet_jax.models '
+          '[--variant=paper|paper_one_gpu|torchvision] '
           '[--groups=1|2] [--num_classes=N] [--image_size=N]')
 
 

@@ -26,9 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallelism = 'pmap'  # 'pmap' or 'jit' (Mesh + NamedSharding + shard_map)
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = 'paper'  # 'paper' or 'torchvision'
+  c.model.variant = 'paper'  # 'paper', 'paper_one_gpu' (§3.2's one-GPU net), 'torchvision'
   c.model.num_classes = 1000  # -1: the data set's number of classes
   c.model.lrn = True  # §3.3
+  # LRN within each tower, as each GPU normalised its own maps (§3.3; cuda-convnet's rnorm1a/b)
+  c.model.lrn_scope = 'tower'  # or 'all': across the towers (what runs before this field did)
   c.model.overlapping_pool = True  # 3x3 stride 2 (§3.4); False: 2x2 stride 2
   c.model.groups = 2  # 2 towers in conv2/4/5 (§3.2); 1: one tower
   c.model.width = 1.0  # channels and fc units times this; tests train at 0.25

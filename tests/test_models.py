@@ -32,13 +32,42 @@ def test_lrn_matches_formula():
                              rtol=1e-5, atol=1e-6)
 
 
+def tower_lrn_reference(a, groups, **kwargs):
+  """Each of `groups` equal channel blocks normalised alone (the paper's towers)."""
+  return np.concatenate([lrn_reference(t, **kwargs) for t in np.split(a, groups, axis=-1)], -1)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 3])
 @pytest.mark.parametrize('impl', layers.LRN_IMPLS)
-def test_lrn_implementations_match_formula(impl):
-  a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 4, 11)).astype(np.float32)
-  np.testing.assert_allclose(layers.local_response_norm(jnp.asarray(a), impl=impl),
-                             lrn_reference(a), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(layers.local_response_norm(jnp.asarray(a), beta=0.6, impl=impl),
-                             lrn_reference(a, beta=0.6), rtol=1e-5, atol=1e-6)
+def test_lrn_implementations_match_formula(impl, groups):
+  a = np.random.default_rng(0).normal(scale=30.0, size=(2, 3, 4, 12)).astype(np.float32)
+  lrn = lambda **kwargs: layers.local_response_norm(jnp.asarray(a), impl=impl, groups=groups,
+                                                    **kwargs)
+  np.testing.assert_allclose(lrn(), tower_lrn_reference(a, groups), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(lrn(beta=0.6), tower_lrn_reference(a, groups, beta=0.6),
+                             rtol=1e-5, atol=1e-6)
+  if groups > 1:  # the window stops at the tower edges: not the same as one window over all
+    assert not np.allclose(lrn(), lrn_reference(a), rtol=1e-4)
+
+
+def conv1_after_lrn(model, variables, x):
+  """conv1's output after its ReLU and (if the model has it) LRN, before pooling."""
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  return np.asarray(state['intermediates']['rows'][0][0])
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_lrn_scope_normalises_conv1_within_each_tower(groups):
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 63, 63, 3)), jnp.float32)
+  model = models.AlexNet(num_classes=10, width=0.25, groups=groups, init_std=0.5)
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  relu = conv1_after_lrn(model.clone(lrn=False), variables, x)  # 24 maps, 12 per tower
+  assert relu.max() > 30  # big enough that LRN changes them
+  tower = conv1_after_lrn(model, variables, x)
+  every = conv1_after_lrn(model.clone(lrn_scope='all'), variables, x)
+  np.testing.assert_allclose(tower, tower_lrn_reference(relu, groups), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(every, lrn_reference(relu), rtol=1e-5, atol=1e-5)
+  assert np.array_equal(tower, every) == (groups == 1)
 
 
 def test_lrn_bfloat16_input_accumulates_in_float32():
@@ -82,6 +111,24 @@ def test_non_overlapping_pool_shapes():
 ])
 def test_parameter_counts(kwargs, total):
   assert sum(row[-1] for row in models.layer_table(models.AlexNet(**kwargs), 224)) == total
+
+
+def test_paper_one_gpu_is_half_the_kernels_in_one_tower():
+  """§3.2's comparison net: 48-128-192-192-256 kernels, one tower, fc 4096-4096-1000."""
+  # (kernel side, input channels, output channels) of each convolution; conv5's map is 6x6 at 224.
+  convs = [(11, 3, 48), (5, 48, 128), (3, 128, 192), (3, 192, 192), (3, 192, 256)]
+  dense = [(6 * 6 * 256, 4096), (4096, 4096), (4096, 1000)]
+  total = (sum(k * k * cin * cout + cout for k, cin, cout in convs)
+           + sum(n_in * n_out + n_out for n_in, n_out in dense))
+  assert total == 59_798_312
+  model = models.AlexNet(variant='paper_one_gpu', groups=1)
+  s = shapes(model, 224)
+  assert s['conv1'] == ((55, 55, 48), (27, 27, 48)) and s['conv5'] == ((13, 13, 256), (6, 6, 256))
+  assert sum(row[-1] for row in models.layer_table(model, 224)) == total
+  out = subprocess.run([sys.executable, '-m', 'alexnet_jax.models', '--variant=paper_one_gpu'],
+                       cwd=REPO, check=True, capture_output=True, text=True).stdout
+  assert out.splitlines()[0].startswith('AlexNet (paper_one_gpu, groups=1, 1000 classes)')
+  assert out.splitlines()[-1].split() == ['total', f'{total:,}']
 
 
 # sha256 of the parameters below (paper init, seed 0), computed before `model.init` existed: the
@@ -185,10 +232,12 @@ def test_max_pool_slices_equals_reduce_window(window, side):
     {'conv1_impl': 'space_to_depth'}, {'group_impl': 'grouped'}, {'group_impl': 'block'},
     {'lrn_impl': 'banded', 'pool_impl': 'slices', 'conv1_impl': 'space_to_depth',
      'group_impl': 'block'},
+    {'lrn_scope': 'all', 'lrn_impl': 'shifted'}, {'lrn_scope': 'all', 'lrn_impl': 'banded'},
 ])
 def test_implementations_keep_the_forward_output(impls):
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 67, 67, 3)), jnp.float32)
-  plain = models.AlexNet(num_classes=10, init_std=0.05, bias_init=0.1)
+  plain = models.AlexNet(num_classes=10, init_std=0.05, bias_init=0.1,
+                         lrn_scope=impls.get('lrn_scope', 'tower'))
   variables = jax.jit(lambda: plain.init(jax.random.PRNGKey(0), x, train=False))()
   ref = jax.jit(lambda v: plain.apply(v, x, train=False))(variables)
   out = jax.jit(lambda v: plain.clone(**impls).apply(v, x, train=False))(variables)
@@ -243,21 +292,24 @@ def test_from_config_builds_the_configured_module(config_name):
   m = importlib.import_module(f'configs.{config_name}').get_config().model
   # The config's fields spelled out one by one, as train.make_model built the module.
   expected = models.AlexNet(
-      num_classes=7, variant=m.variant, lrn=m.lrn, overlapping_pool=m.overlapping_pool,
-      groups=m.groups, width=m.width, dropout_rate=m.dropout_rate, init_scheme=m.init,
+      num_classes=7, variant=m.variant, lrn=m.lrn, lrn_scope=m.lrn_scope,
+      overlapping_pool=m.overlapping_pool, groups=m.groups, width=m.width,
+      dropout_rate=m.dropout_rate, init_scheme=m.init,
       bias_init=m.bias_init, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
       group_impl=m.group_impl, lrn_impl=m.lrn_impl, pool_impl=m.pool_impl,
       conv1_impl=m.conv1_impl)
   assert module_fields(models.from_config(m, num_classes=7)) == module_fields(expected)
 
 
-def test_from_config_reads_older_configs_without_width_and_init():
+def test_from_config_reads_older_configs_without_width_init_and_lrn_scope():
   fields = importlib.import_module('configs.default').get_config().model.items()
   m = ml_collections.ConfigDict({key: value for key, value in fields
-                                 if key not in ('width', 'init')})
+                                 if key not in ('width', 'init', 'lrn_scope')})
   m.dtype = 'bfloat16'
   model = models.from_config(m, num_classes=3)
-  assert (model.width, model.init_scheme, model.num_classes) == (1.0, 'paper', 3)
+  # Runs from before lrn_scope existed normalised across all channels, not the new default.
+  assert (model.width, model.init_scheme, model.lrn_scope, model.num_classes) == (
+      1.0, 'paper', 'all', 3)
   assert model.dtype == jnp.bfloat16
 
 
@@ -267,7 +319,11 @@ def test_from_config_reads_older_configs_without_width_and_init():
     ('default', {'dtype': 'float16'},
      "model.dtype='float16' is unknown; use one of ('float32', 'bfloat16')."),
     ('default', {'variant': 'vgg'},
-     "model.variant='vgg' is unknown; use one of ('paper', 'torchvision')."),
+     "model.variant='vgg' is unknown; use one of ('paper', 'torchvision', 'paper_one_gpu')."),
+    ('default', {'lrn_scope': 'gpu'},
+     "model.lrn_scope='gpu' is unknown; use one of ('tower', 'all')."),
+    ('default', {'variant': 'paper_one_gpu'},
+     "model.variant='paper_one_gpu' has no towers; set --config.model.groups=1."),
     ('torchvision', {'groups': 2},
      "model.variant='torchvision' has no LRN and no towers; set --config.model.lrn=False "
      "--config.model.groups=1 (configs/torchvision.py)."),
