@@ -45,7 +45,8 @@ PAPER = {
     'non-overlapping pooling': (0.4, 0.3, '§3.4'),
     'no PCA lighting': (1.0, None, '§4.1: top-1 "by over 1%"'),
     'no dropout': (None, None, '§4.2: no number; "substantial overfitting" without it'),
-    'one tower': (1.7, 1.2, '§3.2: vs one tower with half the kernels; ours keeps them all'),
+    'one GPU (half the kernels)': (1.7, 1.2, '§3.2: 48-128-192-192-256 kernels on one GPU'),
+    'one tower, all kernels': (None, None, 'not in the paper: groups 1, every kernel kept'),
 }
 
 

@@ -34,4 +34,6 @@ def test_ablation_sweep_has_the_papers_rows():
   assert list(ablation_sweep.ABLATIONS) == list(ablation.PAPER)
   assert ablation_sweep.get_sweep() == [
       {}, {'model.lrn': False}, {'model.overlapping_pool': False}, {'dataset.lighting': False},
-      {'model.dropout_rate': 0.0}, {'model.groups': 1}]
+      {'model.dropout_rate': 0.0}, {'model.variant': 'paper_one_gpu', 'model.groups': 1},
+      {'model.groups': 1}]
+  assert ablation.PAPER['one GPU (half the kernels)'][:2] == (1.7, 1.2)  # §3.2

@@ -69,3 +69,4 @@ def test_paper_base_carries_the_papers_numbers():
   assert c.dataset.flip and c.dataset.lighting and c.dataset.lighting_std == 0.1
   assert (c.model.lrn, c.model.overlapping_pool, c.model.groups, c.model.dropout_rate) == (
       True, True, 2, 0.5)
+  assert c.model.lrn_scope == 'tower'  # §3.3: each tower normalises its own channels

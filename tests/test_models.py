@@ -52,29 +52,21 @@ def test_lrn_implementations_match_formula(impl, groups):
 
 def conv1_after_lrn(model, variables, x):
   """conv1's output after its ReLU and (if the model has it) LRN, before pooling."""
-  _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  _, state = jax.jit(lambda v: model.apply(v, x, train=False, mutable=['intermediates']))(variables)
   return np.asarray(state['intermediates']['rows'][0][0])
 
 
-@pytest.mark.parametrize('groups', [1, 2])
-def test_lrn_scope_normalises_conv1_within_each_tower(groups):
+def test_lrn_scope_normalises_conv1_within_each_tower():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 63, 63, 3)), jnp.float32)
-  model = models.AlexNet(num_classes=10, width=0.25, groups=groups, init_std=0.5)
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  model = models.AlexNet(num_classes=10, width=0.25, groups=2, init_std=0.5)
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x, train=False))()
   relu = conv1_after_lrn(model.clone(lrn=False), variables, x)  # 24 maps, 12 per tower
   assert relu.max() > 30  # big enough that LRN changes them
   tower = conv1_after_lrn(model, variables, x)
   every = conv1_after_lrn(model.clone(lrn_scope='all'), variables, x)
-  np.testing.assert_allclose(tower, tower_lrn_reference(relu, groups), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tower, tower_lrn_reference(relu, 2), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(every, lrn_reference(relu), rtol=1e-5, atol=1e-5)
-  assert np.array_equal(tower, every) == (groups == 1)
-
-
-def test_lrn_bfloat16_input_accumulates_in_float32():
-  a = np.random.default_rng(1).normal(scale=30.0, size=(1, 2, 2, 8)).astype(np.float32)
-  out = layers.local_response_norm(jnp.asarray(a, jnp.bfloat16))
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32), lrn_reference(a), rtol=2e-2)
+  assert not np.allclose(tower, every, rtol=1e-4)
 
 
 def shapes(model, side):
