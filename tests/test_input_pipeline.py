@@ -253,9 +253,11 @@ def sample_photo_jpegs():
   of the two photos scikit-learn ships."""
   from PIL import Image
   from sklearn.datasets import load_sample_images
-  for pixels, size in zip(load_sample_images().images, [(500, 375), (375, 500)]):
-    photo = Image.fromarray(pixels)  # 640x427
-    for box in [(0, 0, 560, 420), (200, 7, 515, 427)] if size[0] > size[1] else [(300, 20, 600, 420)]:
+  views = [((500, 375), (0, 0, 560, 420)), ((500, 375), (80, 7, 640, 427)),
+           ((375, 500), (300, 20, 600, 420))]  # (width, height), a box of the 640x427 photo
+  for pixels in load_sample_images().images:
+    photo = Image.fromarray(pixels)
+    for size, box in views:
       buffer = io.BytesIO()
       photo.resize(size, Image.BICUBIC, box=box).save(buffer, 'JPEG', quality=90)
       yield buffer.getvalue()
