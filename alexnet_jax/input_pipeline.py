@@ -11,7 +11,9 @@ train (`dataset.train_crop='paper'`): stored R×R square → random S×S crop �
        (`'inception'`, full-size sources only): decode a random window of 8-100% of the area,
        aspect 3/4-4/3 (fused with the JPEG decode) → resize to S×S → flip → lighting draw
 eval:  stored R×R square → center S×S crop; or the paper's 10 crops (four corners and center of
-       the R×R image, and their mirrors)
+       the R×R image, and their mirrors; only the five for a run trained without flips:
+       `eval_crop_names`); (`dataset.eval_resize='torchvision'`, full-size sources only):
+       torchvision's Resize(R) → CenterCrop(S), center crop only
 with S = `dataset.image_size` and R = round(S·256/224) (the paper's 256/224 margin).
 
 Batches leave the host as uint8 (a quarter of float32's bytes); the lighting shift and the
@@ -42,7 +44,8 @@ from alexnet_jax.preprocess import Preprocess
 # TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
 tf.config.set_visible_devices([], 'GPU')
 
-EVAL_CROPS = (1, 10)
+EVAL_CROPS = (1, 10)  # what evaluation may ask for (`eval_crop_names`: what it gets)
+FIVE_CROPS = ('top-left', 'top-right', 'bottom-left', 'bottom-right', 'center')
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -53,9 +56,16 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def decode_resize_center_crop(encoded: tf.Tensor, size: int, top: Any = 0, left: Any = 0,
-                              crop: int | None = None) -> tf.Tensor:
+                              crop: int | None = None, resize: str = 'paper') -> tf.Tensor:
   """Encoded image → shorter side `size` (bilinear, antialiased) → central size×size square; uint8.
   With `crop`: only the crop×crop window of that square at (`top`, `left`).
+
+  `resize='torchvision'`: torchvision's Resize(size) then CenterCrop(crop) instead: the longer
+  side becomes int(size·long/short) (truncated; 'paper' rounds it up), and the window is the
+  crop×crop center of that whole image at offsets rounded half to even (Python's
+  round((new - crop) / 2); 'paper' floors), moved by (`top`, `left`). JPEGs then decode as PIL
+  does for torchvision (the accurate integer IDCT, at full size): the crop is within a grey level
+  of torchvision's on average (tests/test_input_pipeline.py).
 
   Resized pixels are rounded back to 8 bits, as in the paper's stored 256×256 images (and PIL);
   an image whose shorter side is already `size` is only cropped, which keeps pre-resized data
@@ -73,22 +83,24 @@ def decode_resize_center_crop(encoded: tf.Tensor, size: int, top: Any = 0, left:
   jpeg_hw = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(encoded)[:2],
                     lambda: tf.ones([2], tf.int32))  # other formats: known once decoded
   corner = tf.stack([tf.cast(top, tf.int32), tf.cast(left, tf.int32)])  # in the square
-  window = _window(jpeg_hw, size, corner, crop)
+  window = _window(jpeg_hw, size, corner, crop, resize)
 
   def other() -> tuple[tf.Tensor, ...]:
     image = decode(encoded)
     return image, tf.zeros([2], tf.int32), tf.shape(image)[:2], tf.constant(1.0)
 
+  exact = resize == 'torchvision'
+  half = tf.constant(False) if exact else tf.reduce_min(jpeg_hw) >= 4 * size
   # Pixels, the position of their first one, the image's [H, W], and the IDCT's scale-down.
   pixels, begin, hw, ratio = tf.switch_case(
-      tf.where(is_jpeg, tf.cast(tf.reduce_min(jpeg_hw) >= 4 * size, tf.int32), 2),
-      [lambda: (tf.image.decode_and_crop_jpeg(encoded, window, channels=3), window[:2], jpeg_hw,
-                tf.constant(1.0)),
+      tf.where(is_jpeg, tf.cast(half, tf.int32), 2),
+      [lambda: (tf.image.decode_and_crop_jpeg(encoded, window, channels=3,
+                                              dct_method='INTEGER_ACCURATE' if exact else ''),
+                window[:2], jpeg_hw, tf.constant(1.0)),
        lambda: (tf.io.decode_jpeg(encoded, channels=3, ratio=2), tf.zeros([2], tf.int32), jpeg_hw,
                 tf.constant(2.0)),
        other])
-  new_hw = _resized_shape(hw, size)
-  first = (new_hw - size) // 2 + corner  # the window's first pixel in the resized image
+  new_hw, first = _resized_shape_and_first(hw, size, corner, crop, resize)
   # ScaleAndTranslate's, as tf.image.resize passes it: output pixels per input pixel.
   scale = tf.cast(new_hw, tf.float32) / tf.cast(hw, tf.float32) * ratio
   translation = tf.cast(begin, tf.float32) * scale - tf.cast(first, tf.float32)
@@ -101,20 +113,27 @@ def decode_resize_center_crop(encoded: tf.Tensor, size: int, top: Any = 0, left:
   return image
 
 
-def _resized_shape(hw: tf.Tensor, size: int) -> tf.Tensor:
-  """[H, W] with the shorter side scaled to `size` and the longer rounded up."""
+def _resized_shape_and_first(hw: tf.Tensor, size: int, corner: tf.Tensor, crop: int,
+                             resize: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """[H, W] with the shorter side scaled to `size` (the longer rounded up, or truncated for
+  'torchvision'), and the [top, left] of `decode_resize_center_crop`'s window in it."""
+  if resize == 'torchvision':  # integer arithmetic: exactly int(size * long / short)
+    new_hw = hw * size // tf.reduce_min(hw)
+    return new_hw, tf.cast(tf.round(tf.cast(new_hw - crop, tf.float32) / 2), tf.int32) + corner
   hw = tf.cast(hw, tf.float32)
-  return tf.maximum(tf.cast(tf.math.ceil(hw * (size / tf.reduce_min(hw)) - 1e-3), tf.int32), size)
+  new_hw = tf.maximum(tf.cast(tf.math.ceil(hw * (size / tf.reduce_min(hw)) - 1e-3), tf.int32),
+                      size)
+  return new_hw, (new_hw - size) // 2 + corner
 
 
-def _window(hw: tf.Tensor, size: int, corner: tf.Tensor, crop: int) -> tf.Tensor:
+def _window(hw: tf.Tensor, size: int, corner: tf.Tensor, crop: int, resize: str) -> tf.Tensor:
   """[top, left, height, width] of the pixels of an [H, W] image that the crop×crop window at
   `corner` of the central size×size square of its resize reads. The antialiased triangle kernel
   reaches max(1, 1/scale) ≤ 1 + 1/scale pixels either side of a sample; one pixel more for
   rounding and one because the JPEG decoder's chroma upsampling differs at a window's edge."""
-  new_hw = _resized_shape(hw, size)
+  new_hw, first = _resized_shape_and_first(hw, size, corner, crop, resize)
   inverse = tf.cast(hw, tf.float32) / tf.cast(new_hw, tf.float32)
-  first = tf.cast((new_hw - size) // 2 + corner, tf.float32)
+  first = tf.cast(first, tf.float32)
   edges = (first + [[-1.0], [crop + 1.0]]) * inverse
   begin = tf.maximum(tf.cast(tf.floor(edges[0]), tf.int32) - 3, 0)
   return tf.concat([begin, tf.minimum(tf.cast(tf.math.ceil(edges[1]), tf.int32) + 3, hw) - begin], 0)
@@ -257,11 +276,34 @@ def train_image(image: tf.Tensor, draws: dict[str, tf.Tensor], p: Preprocess,
   return image
 
 
+def eval_crop_names(crops: int, p: Preprocess) -> tuple[str, ...]:
+  """The crops that `crops` (EVAL_CROPS) evaluates, in `eval_image`'s order: 1, the center; 10,
+  the paper's ten (§4.1: four corners and center, then the same five mirrored) for a run trained
+  with flips, and only the five unmirrored ones for a run trained without (`p.flip` False): a
+  network that never saw a mirrored image is not scored on one."""
+  if crops not in EVAL_CROPS:
+    raise ConfigError(f'crops={crops} is not supported; use one of {EVAL_CROPS}.')
+  if crops > 1 and p.eval_resize == 'torchvision':
+    raise ConfigError("dataset.eval_resize='torchvision' defines only its center crop; use "
+                      "--crops=1, or --config.dataset.eval_resize=paper for the paper's crops.")
+  if crops == 1:
+    return ('center',)
+  return FIVE_CROPS + (tuple(f'{name} mirrored' for name in FIVE_CROPS) if p.flip else ())
+
+
 def eval_image(image: tf.Tensor, p: Preprocess, crops: int = 1,
                stored: str | None = None) -> tf.Tensor:
-  """The center S×S crop [S, S, 3], or with `crops=10` the paper's ten crops [10, S, S, 3]; uint8."""
+  """The center S×S crop [S, S, 3], or with `crops=10` the crops `eval_crop_names` lists
+  [10 or 5, S, S, 3]; uint8. `p.eval_resize='torchvision'`: torchvision's center crop of the
+  full-size image (`decode_resize_center_crop`)."""
+  mirror = len(eval_crop_names(crops, p)) == 10
+  if p.eval_resize == 'torchvision':
+    if stored is not None:
+      raise ConfigError(_TORCHVISION_PREPARED)
+    return decode_resize_center_crop(image, p.resize_size, crop=p.image_size,
+                                     resize='torchvision')
   square = square_image(image, p.resize_size, stored)
-  return (ten_crops(square, p.image_size) if crops == 10 else
+  return (ten_crops(square, p.image_size, mirror) if crops == 10 else
           center_crop(square, p.image_size))
 
 
@@ -271,16 +313,19 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return image[top:top + size, left:left + size, :]
 
 
-def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Top-left, top-right, bottom-left, bottom-right and center size×size crops of `image`, then
-  the same five mirrored (§4.1): [10, size, size, C]."""
+def ten_crops(image: tf.Tensor, size: int, mirror: bool = True) -> tf.Tensor:
+  """Top-left, top-right, bottom-left, bottom-right and center size×size crops of `image`, then,
+  with `mirror`, the same five mirrored (§4.1): [10 (5 without `mirror`), size, size, C]."""
   bottom, right = tf.shape(image)[0] - size, tf.shape(image)[1] - size
   five = tf.stack([image[t:t + size, l:l + size, :] for t, l in
                    ((0, 0), (0, right), (bottom, 0), (bottom, right))] +
                   [center_crop(image, size)])
-  return tf.concat([five, five[:, :, ::-1, :]], axis=0)
+  return tf.concat([five, five[:, :, ::-1, :]], axis=0) if mirror else five
 
 
+_TORCHVISION_PREPARED = (
+    "dataset.eval_resize='torchvision' resizes the full image (its longer side truncated), and a "
+    "prepared set holds only the paper's central square; set --config.dataset.prepared=False.")
 OFFLINE_BUILDERS = ('digits', 'folder')  # ours: prepared from files on this machine
 
 
@@ -311,6 +356,8 @@ def get_builder(config: ml_collections.ConfigDict,
   if config.train_crop == 'inception':
     raise ConfigError("dataset.train_crop='inception' needs the full image, and a prepared set "
                       "holds only its central square; set --config.dataset.prepared=False.")
+  if config.get('eval_resize', 'paper') == 'torchvision':
+    raise ConfigError(_TORCHVISION_PREPARED)
   squares = prepared.Prepared(source=source, size=round(config.image_size * 256 / 224),
                               stored=config.prepared_format, quality=config.prepared_quality)
   if squares.is_prepared():  # the source's own files are not needed any more
@@ -429,10 +476,9 @@ def eval_batches(split: Split, p: Preprocess, batch_size: int,
   """One pass in order; batches are padded to `batch_size` (`mask` = 1 marks real examples), and
   a shard smaller than the largest one ends with empty batches, so all processes step together.
 
-  Images are uint8; `crops=10`: every image is [10, S, S, 3], the paper's ten crops (`ten_crops`).
+  Images are uint8; `crops=10`: every image is [C, S, S, 3], the C crops `eval_crop_names` lists.
   """
-  if crops not in EVAL_CROPS:
-    raise ConfigError(f'crops={crops} is not supported; use one of {EVAL_CROPS}.')
+  count = len(eval_crop_names(crops, p))
   ds = split.records.map(
       lambda ex: {'image': eval_image(ex['image'], p, crops, split.stored), 'label': ex['label']},
       num_parallel_calls=tf.data.AUTOTUNE)
@@ -441,7 +487,7 @@ def eval_batches(split: Split, p: Preprocess, batch_size: int,
   for batch in tfds.as_numpy(ds):
     count += 1
     yield pad_batch(batch, batch_size)
-  crop_axis = (crops,) if crops > 1 else ()
+  crop_axis = (count,) if crops > 1 else ()
   empty = {'image': np.zeros((0, *crop_axis, p.image_size, p.image_size, 3), np.uint8),
            'label': np.zeros((0,), np.int64)}
   for _ in range(count, -(-split.largest_shard // batch_size)):

@@ -20,6 +20,9 @@ import ml_collections
 from alexnet_jax.errors import ConfigError
 
 TRAIN_CROPS = ('paper', 'inception')
+# How evaluation resizes: 'paper' (the R×R central square of §2, then its center S crop) or
+# 'torchvision' (its Resize(R) and CenterCrop(S): the longer side truncated, offsets rounded).
+EVAL_RESIZES = ('paper', 'torchvision')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Preprocess:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   train_crop: str = 'paper'
+  eval_resize: str = 'paper'
 
   @property
   def resize_size(self) -> int:
@@ -45,12 +49,17 @@ class Preprocess:
     if config.train_crop not in TRAIN_CROPS:
       raise ConfigError(f'dataset.train_crop={config.train_crop!r} is unknown; use one of '
                         f'{TRAIN_CROPS}.')
+    eval_resize = config.get('eval_resize', 'paper')  # runs stored before the field: 'paper'
+    if eval_resize not in EVAL_RESIZES:
+      raise ConfigError(f'dataset.eval_resize={eval_resize!r} is unknown; use one of '
+                        f'{EVAL_RESIZES}.')
     stats = (load_statistics(config.pca_stats) if config.pca_stats else
              {k: config[k] for k in ('eigval', 'eigvec', 'mean', 'std')})
     return cls(image_size=config.image_size, flip=config.flip,
                lighting_std=config.lighting_std if config.lighting else 0.0,
                eigval=tuple(stats['eigval']), eigvec=tuple(map(tuple, stats['eigvec'])),
-               mean=tuple(stats['mean']), std=tuple(stats['std']), train_crop=config.train_crop)
+               mean=tuple(stats['mean']), std=tuple(stats['std']), train_crop=config.train_crop,
+               eval_resize=eval_resize)
 
 
 def load_statistics(path: str) -> dict[str, Any]:

@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.shuffle_buffer = 10_000
   c.dataset.path = placeholder(str)  # name='folder': DIR holding train/<class>/ and val/<class>/
   c.dataset.train_crop = 'paper'  # 'paper' (random S of the R center square) or 'inception'
+  # Evaluation's resize: 'paper' (center S of the R center square) or 'torchvision' (its Resize(R)
+  # and CenterCrop(S): longer side truncated, offsets rounded; full-size data, center crop only).
+  c.dataset.eval_resize = 'paper'
   c.dataset.pca_stats = placeholder(str)  # a pca_stats JSON: replaces eigval/eigvec/mean/std
   c.dataset.on_bad_image = 'fail'  # folders: an unreadable image 'fail's the run or is 'skip'ped
   # The paper's stored form (§2): each image once as its central R x R square

@@ -69,10 +69,22 @@ def test_folder_set_trains_and_evaluates_from_the_cli(tmp_path):
   config = tiny_config(None)
   config.dataset.name, config.dataset.path = 'folder', str(data)
   config.train.eval_batch_size = 20
-  evaluate.evaluate_checkpoint(config, str(workdir), crops=10, step=2)
-  ten = json.load(open(workdir / 'eval_10crop.json'))
-  assert ten['crops'] == 10 and ten['num_examples'] == 9
-  assert 0.0 <= ten['val_top1_error'] <= 1.0 and ten['val_loss'] != one['val_loss']
+  # The run trained without flips: ten crops are its five unmirrored ones, and say so.
+  five = evaluate.evaluate_checkpoint(config, str(workdir), crops=10, step=2)
+  assert json.load(open(workdir / 'eval_5crop.json')) == five
+  assert not os.path.exists(workdir / 'eval_10crop.json')
+  assert (five['crops'], five['crops_requested'], five['num_examples']) == (5, 10, 9)
+  assert five['crop_names'] == ['top-left', 'top-right', 'bottom-left', 'bottom-right', 'center']
+  assert 0.0 <= five['val_top1_error'] <= 1.0 and five['val_loss'] != one['val_loss']
+  assert '(9 images, 5 crops, not mirrored: the run trained without flips)' in evaluate.summary(
+      five)
+  assert (one['crops_requested'], one['crop_names'], one['eval_resize']) == (1, ['center'], 'paper')
+  # Mirrors follow the run's training, not a --config's flip.
+  config.dataset.flip = True
+  with pytest.raises(ValueError, match=r'^--config has dataset.flip=True but .* trained with '
+                                       r'False; drop the override'):
+    evaluate.evaluate_checkpoint(config, str(workdir), crops=10)
+  config.dataset.flip = False
 
   # No config: the run's own config.json (where the folder is, the model it trained).
   assert evaluate.evaluate_checkpoint(None, str(workdir)) == one

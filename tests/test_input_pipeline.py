@@ -1,3 +1,4 @@
+import io
 import itertools
 import math
 
@@ -228,14 +229,88 @@ def test_inception_crop_is_a_resized_window_of_the_image():
   assert len(sizes) > 5  # the window really is random
 
 
-def test_ten_crops_are_the_corners_center_and_mirrors():
+def test_ten_crops_are_the_corners_center_and_mirrors_of_a_flipped_run():
   encoded, _ = encoded_test_image(40, 60)
-  p = preprocess(image_size=28)  # R = 32
+  p = preprocess(image_size=28, flip=True)  # R = 32
   big = ip.decode_resize_center_crop(encoded, 32).numpy()
   five = [big[:28, :28], big[:28, 4:], big[4:, :28], big[4:, 4:], big[2:30, 2:30]]
   expected = np.stack(five + [c[:, ::-1] for c in five])
   np.testing.assert_array_equal(ip.eval_image(encoded, p, crops=10), expected)
   np.testing.assert_array_equal(ip.eval_image(encoded, p), expected[4])
+  assert ip.eval_crop_names(10, p) == ip.FIVE_CROPS + tuple(f'{n} mirrored' for n in ip.FIVE_CROPS)
+
+  # A run trained without flips is scored on the five unmirrored crops only.
+  no_flip = preprocess(image_size=28, flip=False)
+  np.testing.assert_array_equal(ip.eval_image(encoded, no_flip, crops=10), expected[:5])
+  assert ip.eval_crop_names(10, no_flip) == ip.FIVE_CROPS
+  assert ip.eval_crop_names(1, no_flip) == ('center',)
+  with pytest.raises(ValueError, match=r'crops=5 is not supported; use one of \(1, 10\)'):
+    ip.eval_crop_names(5, no_flip)
+
+
+def sample_photo_jpegs():
+  """ImageNet-shaped JPEGs (500x375 and 375x500, as experiments/make_photo_folder.py cuts them)
+  of the two photos scikit-learn ships."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  views = [((500, 375), (0, 0, 560, 420)), ((500, 375), (80, 7, 640, 427)),
+           ((375, 500), (300, 20, 600, 420))]  # (width, height), a box of the 640x427 photo
+  for pixels in load_sample_images().images:
+    photo = Image.fromarray(pixels)
+    for size, box in views:
+      buffer = io.BytesIO()
+      photo.resize(size, Image.BICUBIC, box=box).save(buffer, 'JPEG', quality=90)
+      yield buffer.getvalue()
+
+
+def torchvision_reference(jpeg, resize=256, crop=224):
+  """torchvision's documented eval transform with PIL: Resize(256) (shorter side 256, longer side
+  int(256 * long / short), PIL bilinear, which antialiases when reducing), CenterCrop(224) at
+  int(round((new - 224) / 2.0))."""
+  from PIL import Image
+  image = Image.open(io.BytesIO(jpeg)).convert('RGB')
+  w, h = image.size
+  w, h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+  resized = np.asarray(image.resize((w, h), Image.BILINEAR), np.int32)
+  top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+  return resized[top:top + crop, left:left + crop]
+
+
+def test_torchvision_eval_resize_is_torchvisions_crop_of_a_photo():
+  """Within a grey level of PIL's on average (its resize is fixed-point); the paper's resize
+  (longer side rounded up, offsets floored) lands several levels away."""
+  torchvision, paper = (preprocess(image_size=224, eval_resize=r) for r in ('torchvision', 'paper'))
+  for jpeg in sample_photo_jpegs():
+    reference = torchvision_reference(jpeg)
+    ours = ip.eval_image(jpeg, torchvision).numpy()
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    diff = np.abs(ours - reference)
+    assert diff.mean() <= 0.5 and diff.max() <= 2, (diff.mean(), diff.max())
+    assert np.abs(ip.eval_image(jpeg, paper).numpy() - reference).mean() > 1.5
+
+
+def test_torchvision_center_crop_rounds_half_to_even():
+  """A 256x343 image is not resized; (343 - 224) / 2 = 59.5 rounds to 60 (Python's round), where
+  the paper's central square puts the crop at 59."""
+  image = photo_like(256, 343)
+  encoded = tf.io.encode_png(image)
+  torchvision = preprocess(image_size=224, eval_resize='torchvision')
+  np.testing.assert_array_equal(ip.eval_image(encoded, torchvision), image[16:240, 60:284])
+  np.testing.assert_array_equal(ip.eval_image(encoded, preprocess(image_size=224)),
+                                image[16:240, 59:283])
+  with pytest.raises(ValueError, match="eval_resize='torchvision' defines only its center crop"):
+    ip.eval_image(encoded, torchvision, crops=10)
+
+
+def test_torchvision_eval_resize_needs_full_size_images(config):
+  config.dataset.eval_resize, config.dataset.prepared = 'torchvision', True
+  assert Preprocess.from_config(config.dataset).eval_resize == 'torchvision'
+  with pytest.raises(ValueError, match=r"a prepared set holds only the paper's central square; "
+                                       r"set --config.dataset.prepared=False\.$"):
+    ip.get_builder(config.dataset)
+  config.dataset.eval_resize = 'pil'
+  with pytest.raises(ValueError, match=r"dataset.eval_resize='pil' is unknown; use one of "):
+    Preprocess.from_config(config.dataset)
 
 
 def test_lighting_noise_has_the_pca_covariance():
