@@ -356,7 +356,7 @@ def get_builder(config: ml_collections.ConfigDict,
   if config.train_crop == 'inception':
     raise ConfigError("dataset.train_crop='inception' needs the full image, and a prepared set "
                       "holds only its central square; set --config.dataset.prepared=False.")
-  if config.get('eval_resize', 'paper') == 'torchvision':
+  if config.eval_resize == 'torchvision':
     raise ConfigError(_TORCHVISION_PREPARED)
   squares = prepared.Prepared(source=source, size=round(config.image_size * 256 / 224),
                               stored=config.prepared_format, quality=config.prepared_quality)

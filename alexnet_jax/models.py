@@ -240,9 +240,6 @@ class AlexNet(nn.Module):
 
 # AlexNet field -> config field where the names differ (`init` is a flax Module method).
 CONFIG_NAMES = {'init_scheme': 'init'}
-# Config fields that older runs' config.json lacks -> the value those runs had (LRN ran across
-# all channels before lrn_scope existed).
-ADDED_LATER = {'width': 1.0, 'init': 'paper', 'lrn_scope': 'all'}
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -257,8 +254,7 @@ def from_config(model: ml_collections.ConfigDict, num_classes: int) -> AlexNet:
   outputs; the section's own num_classes is not read. Raises ConfigError for a value the model
   cannot take (checked before the dtype name is looked up)."""
   fields = config_fields()
-  values = {name: model.get(name, ADDED_LATER[name]) if name in ADDED_LATER else model[name]
-            for name in fields}
+  values = {name: model[name] for name in fields}  # older config.json: see workdir.ADDED
   check_options(values)
   kwargs = {fields[name].name: value for name, value in values.items()}
   return AlexNet(num_classes=num_classes, **{**kwargs, 'dtype': jnp.dtype(values['dtype'])})

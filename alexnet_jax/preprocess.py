@@ -49,7 +49,7 @@ class Preprocess:
     if config.train_crop not in TRAIN_CROPS:
       raise ConfigError(f'dataset.train_crop={config.train_crop!r} is unknown; use one of '
                         f'{TRAIN_CROPS}.')
-    eval_resize = config.get('eval_resize', 'paper')  # runs stored before the field: 'paper'
+    eval_resize = config.eval_resize
     if eval_resize not in EVAL_RESIZES:
       raise ConfigError(f'dataset.eval_resize={eval_resize!r} is unknown; use one of '
                         f'{EVAL_RESIZES}.')

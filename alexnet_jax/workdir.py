@@ -35,6 +35,11 @@ RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num
 # Fields of earlier versions that never changed what a run computes (a test hook), so a workdir
 # whose config.json still has them resumes.
 RETIRED = ('train.debug_nan_step',)
+# Fields added since, with the value a run whose config.json lacks them ran with: a stored config
+# is read with them filled in, so an older run evaluates, predicts and resumes as it was trained
+# (resuming it with another value is a config change like any other).
+ADDED = {'model.width': 1.0, 'model.init': 'paper', 'model.lrn_scope': 'all',
+         'dataset.eval_resize': 'paper'}
 # Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
 WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
@@ -94,12 +99,16 @@ def config_changes(stored: ml_collections.ConfigDict | dict,
 
 
 def stored_config_dict(workdir: str) -> dict[str, Any] | None:
-  """The stored config.json as a dict, or None if there is none."""
+  """The stored config.json as a dict (fields in `ADDED` filled in), or None if there is none."""
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    stored = json.load(f)
+  for field, value in ADDED.items():
+    section, name = field.split('.')
+    stored.get(section, {}).setdefault(name, value)
+  return stored
 
 
 def read_config(workdir: str, flag: str = '--workdir') -> ml_collections.ConfigDict:

@@ -293,18 +293,6 @@ def test_from_config_builds_the_configured_module(config_name):
   assert module_fields(models.from_config(m, num_classes=7)) == module_fields(expected)
 
 
-def test_from_config_reads_older_configs_without_width_init_and_lrn_scope():
-  fields = importlib.import_module('configs.default').get_config().model.items()
-  m = ml_collections.ConfigDict({key: value for key, value in fields
-                                 if key not in ('width', 'init', 'lrn_scope')})
-  m.dtype = 'bfloat16'
-  model = models.from_config(m, num_classes=3)
-  # Runs from before lrn_scope existed normalised across all channels, not the new default.
-  assert (model.width, model.init_scheme, model.lrn_scope, model.num_classes) == (
-      1.0, 'paper', 'all', 3)
-  assert model.dtype == jnp.bfloat16
-
-
 @pytest.mark.parametrize('config_name,changes,message', [
     ('default', {'lrn_impl': 'nope'},
      "model.lrn_impl='nope' is unknown; use one of ('reduce_window', 'shifted', 'banded')."),

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
@@ -91,3 +92,27 @@ def test_write_atomic_replaces_whole(tmp_path):
   workdir.write_atomic(path, 'new')
   assert open(path).read() == 'new'
   assert os.listdir(tmp_path) == ['config.json']  # no temporary file left
+
+
+def test_an_older_config_json_reads_with_the_values_its_run_had(tmp_path):
+  """config.json files written before model.width/init/lrn_scope and dataset.eval_resize existed:
+  their runs had width 1, the paper's init, LRN across all channels and the paper's eval resize."""
+  from configs import default
+  from alexnet_jax import models
+  stored = json.loads(default.get_config().to_json_best_effort())
+  for field in workdir.ADDED:
+    section, name = field.split('.')
+    del stored[section][name]
+  stored['model']['dtype'] = 'bfloat16'
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  config = workdir.read_config(str(tmp_path))
+  model = models.from_config(config.model, num_classes=3)
+  assert (model.width, model.init_scheme, model.lrn_scope, model.dtype, model.num_classes) == (
+      1.0, 'paper', 'all', jnp.bfloat16, 3)
+  assert config.dataset.eval_resize == 'paper'
+  # Resuming it with the new default lrn_scope is a change; with the value it had, none.
+  current = default.get_config()
+  current.model.dtype = 'bfloat16'
+  assert workdir.config_changes(config, current)[0] == ["model.lrn_scope: 'all' -> 'tower'"]
+  current.model.lrn_scope = 'all'
+  assert workdir.config_changes(config, current) == ([], [])
