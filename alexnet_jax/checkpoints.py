@@ -57,17 +57,19 @@ def all_steps(workdir: str) -> list[int]:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: dict[str, float] | None = None) -> None:
-  """Writes `state` (global arrays, see Parallel.replicated) as checkpoint `step`; every
-  process calls it, orbax coordinates who writes what."""
+  """Writes `state` (global arrays, see Parallel.global_arrays; split or replicated, the files are
+  the same) as checkpoint `step`; every process calls it, orbax coordinates who writes what."""
   with quiet():  # a failure is raised to the caller, who says it in one line
     manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
     manager.wait_until_finished()
 
 
-def restore(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
-            step: int) -> Any:
-  """Checkpoint `step` in the structure of `like`, as arrays with `sharding`."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), like)
+def restore(manager: ocp.CheckpointManager, like: Any, shardings: Any, step: int) -> Any:
+  """Checkpoint `step` in the structure of `like`, as arrays laid out by `shardings` (a tree of
+  `like`'s structure, e.g. Parallel.shardings(like)): whichever layout wrote it."""
+  abstract = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                   sharding=sharding),
+                          like, shardings)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -129,7 +131,7 @@ def _hide_orbax_leftovers() -> None:
   logging.getLogger('asyncio').addFilter(_NeverRetrieved())
 
 
-def restore_newest(manager: ocp.CheckpointManager, like: Any, sharding: jax.sharding.Sharding,
+def restore_newest(manager: ocp.CheckpointManager, like: Any, shardings: Any,
                    say: Callable[[str], None]) -> tuple[Any | None, list[int]]:
   """(the newest checkpoint that restores, or None if there is none; the newer steps that did
   not). Each failure is one line through `say`; if every checkpoint fails, a ConfigError."""
@@ -138,7 +140,7 @@ def restore_newest(manager: ocp.CheckpointManager, like: Any, sharding: jax.shar
   for step in steps:
     try:
       with quiet():
-        return restore(manager, like, sharding, step), list(damaged)
+        return restore(manager, like, shardings, step), list(damaged)
     except Exception as e:  # tensorstore, orbax, msgpack and OS errors alike
       damaged[step] = reason(e)
       say(f'checkpoint {step} in {manager.directory} cannot be restored ({damaged[step]}); '

@@ -82,9 +82,16 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None = None,
   model = models.from_config(config.model, num_classes)
   pre = Preprocess.from_config(config.dataset)
   models.check_image_size(model, pre.image_size)
-  return Experiment(config=config, parallel=Parallel(config.parallelism, devices), model=model,
+  return Experiment(config=config, parallel=parallel_of(config, devices), model=model,
                     tx=optim.make_optimizer(config.optimizer),
                     plateau=optim.make_plateau(config.optimizer), pre=pre)
+
+
+def parallel_of(config: ml_collections.ConfigDict,
+                devices: list[jax.Device] | None = None) -> Parallel:
+  """The devices' layout `config` asks for (config.json files older than `model_parallel` lack
+  it: data parallel)."""
+  return Parallel(config.parallelism, devices, config.get('model_parallel', 1))
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -1,10 +1,14 @@
-"""Data parallelism: one pure step, run under `jax.pmap` or `jax.jit` + `shard_map`, all devices.
+"""Data and model parallelism: one pure step, run under `jax.pmap` or `jax.jit` + `shard_map`.
 
-Both modes give the step the same view: its shard of the global batch, the replicated state, and a
+Both modes give the step the same view: its shard of the global batch, the whole state, and a
 named axis `AXIS` for `lax.pmean`/`psum`. They differ only in how arrays are laid out:
   pmap — state carries a leading local-device axis; batches are (local devices, per device, ...);
-  jit  — state is one global array replicated over a `Mesh`; batches are global arrays sharded on
-         their leading axis (`NamedSharding(mesh, P(AXIS))`).
+  jit  — devices form a (`AXIS`, `MODEL_AXIS`) `Mesh` of model replicas × `model_parallel` devices
+         each; the state is global arrays, every layer's kernel and bias split on its last axis
+         (output channels, neurons) over `MODEL_AXIS` (replicated when `model_parallel` is 1), the
+         rest replicated (`shardings`); batches are sharded on their leading axis over `AXIS`.
+         The step is manual over `AXIS` only: XLA partitions each layer over `MODEL_AXIS` from the
+         parameters' layout (README.md, "The paper's two GPUs").
 """
 
 from __future__ import annotations
@@ -20,25 +24,46 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from alexnet_jax.errors import ConfigError
 
 AXIS = 'batch'
+MODEL_AXIS = 'model'
+SPLIT = ('kernel', 'bias')  # the leaves split over MODEL_AXIS, in params and in momentum alike
 MODES = ('pmap', 'jit')
 
 
 class Parallel:
   """Places state and batches on every device and wraps steps for one parallel mode."""
 
-  def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None):
-    """`devices`: all of them by default (every process's, in multi-host runs)."""
+  def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None,
+               model_parallel: int = 1):
+    """`devices`: all of them by default (every process's, in multi-host runs);
+    `model_parallel`: devices per model replica, each holding 1/model_parallel of every layer."""
     if mode not in MODES:
       raise ConfigError(f'parallelism={mode!r} is unknown; use one of {MODES}.')
-    self.mode = mode
+    if model_parallel < 1:
+      raise ConfigError(f'model_parallel={model_parallel} must be 1 (data parallel) or more.')
+    if model_parallel > 1 and mode == 'pmap':
+      raise ConfigError(f"model_parallel={model_parallel} needs --config.parallelism=jit: pmap "
+                        f"maps one axis (the batch) and cannot split a layer over devices.")
+    self.mode, self.model_parallel = mode, model_parallel
     devices = list(devices or jax.devices())
-    self.mesh = Mesh(np.array(devices), (AXIS,))
+    if len(devices) % model_parallel:
+      raise ConfigError(f'model_parallel={model_parallel} does not divide the {len(devices)} '
+                        f'devices; use a divisor of {len(devices)}.')
+    grid = np.array(devices).reshape(-1, model_parallel)
+    if any(len({d.process_index for d in replica}) > 1 for replica in grid):
+      raise ConfigError(f'model_parallel={model_parallel} would split a model replica across '
+                        f'processes; use a divisor of the devices each process has.')
+    self.mesh = Mesh(grid, (AXIS, MODEL_AXIS))
     self._local_devices = [d for d in devices if d.process_index == jax.process_index()]
     self._local_mesh = Mesh(np.array(self._local_devices), (AXIS,))
 
   @property
   def num_devices(self) -> int:
     return self.mesh.size
+
+  @property
+  def num_replicas(self) -> int:
+    """Model replicas: the data-parallel width, over which batches are split and averaged."""
+    return self.mesh.shape[AXIS]
 
   @property
   def num_local_devices(self) -> int:
@@ -49,43 +74,63 @@ class Parallel:
     donate = (0,) if donate_state else ()
     if self.mode == 'pmap':
       return jax.pmap(step, axis_name=AXIS, donate_argnums=donate,
-                      devices=self.mesh.devices.tolist())
+                      devices=list(self.mesh.devices.flat))
     # check_vma=False keeps pmap's autodiff semantics: gradients of the replicated parameters stay
-    # per shard until the step's explicit pmean (with it, JAX would psum them implicitly).
+    # per shard until the step's explicit pmean (with it, JAX would psum them implicitly). Manual
+    # over AXIS only: MODEL_AXIS stays XLA's, which splits each layer as its parameters are split.
     sharded = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-                            check_vma=False)
-    return jax.jit(sharded, donate_argnums=donate)
+                            axis_names={AXIS}, check_vma=False)
+
+    def laid_out(state, batch):  # outputs in the state layout, so the next step's state is split
+      outputs = sharded(state, batch)
+      return jax.lax.with_sharding_constraint(outputs, self.shardings(outputs))
+
+    return jax.jit(laid_out, donate_argnums=donate)
 
   def put_state(self, state: Any) -> Any:
-    """Host state (the same in every process) → replicated on every device."""
+    """Host state (the same in every process) → on every device, in the mode's layout."""
     if self.mode == 'pmap':
       n = len(self._local_devices)
       return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state),
                             NamedSharding(self._local_mesh, P(AXIS)))
-    return self.replicated(state)
+    return self.global_arrays(state)
 
-  @property
-  def replicated_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
+  def shardings(self, tree: Any) -> Any:
+    """The global layout of a state-like tree (state, params, metrics; arrays or shapes): each
+    `SPLIT` leaf split on its last axis over MODEL_AXIS when model_parallel divides it, every
+    other leaf replicated. Checkpoints are written from and read into this layout."""
+    def sharding(path, x):
+      name = getattr(path[-1], 'key', None) if path else None
+      split = (self.model_parallel > 1 and name in SPLIT and np.ndim(x) > 0
+               and np.shape(x)[-1] % self.model_parallel == 0)
+      return NamedSharding(self.mesh, P(*[None] * (np.ndim(x) - 1), MODEL_AXIS) if split else P())
+    return jax.tree_util.tree_map_with_path(sharding, tree)
 
-  def replicated(self, tree: Any) -> Any:
-    """Host arrays (the same in every process) → global arrays replicated over the mesh: jit's
+  def global_arrays(self, tree: Any) -> Any:
+    """Host arrays (the same in every process) → global arrays laid out by `shardings`: jit's
     state layout, and the layout checkpoints are written and read in, whatever the mode."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(
-        np.shape(x), self.replicated_sharding, lambda index: np.asarray(x)[index]), tree)
+    return jax.tree.map(lambda x, sharding: jax.make_array_from_callback(
+        np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree, self.shardings(tree))
 
   def checkpointable(self, state: Any) -> Any:
-    """Device state → the replicated global arrays checkpoints are written from: jit's state
-    already is; pmap's per-device copies go through this process's host copy."""
-    return state if self.mode == 'jit' else self.replicated(self.get(state))
+    """Device state → the global arrays checkpoints are written from: jit's state already is;
+    pmap's per-device copies go through this process's host copy."""
+    return state if self.mode == 'jit' else self.global_arrays(self.get(state))
 
   def get(self, tree: Any) -> Any:
-    """Replicated device values (state, metrics; pmap or replicated layout) → this process's
-    copy, as numpy arrays."""
+    """Device values (state, metrics; pmap or jit layout) → this process's whole copy, as numpy
+    arrays; a split array is gathered from this process's shards (a model replica never spans
+    processes, so they cover it)."""
     def local_copy(x):
-      shard = np.asarray(x.addressable_data(0))
       spec = getattr(x.sharding, 'spec', ())
-      return shard[0] if spec and spec[0] is not None else shard  # pmap layout: (1, ...) shards
+      if spec and spec[0] == AXIS:  # pmap layout: (1, ...) shards
+        return np.asarray(x.addressable_data(0))[0]
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      whole = np.empty(x.shape, x.dtype)
+      for shard in x.addressable_shards:
+        whole[shard.index] = np.asarray(shard.data)
+      return whole
     return jax.tree.map(local_copy, tree)
 
   @property
@@ -96,10 +141,12 @@ class Parallel:
     """Fails before any compilation when the global batch does not split evenly."""
     if global_batch_size <= 0:
       raise ConfigError(f'{what}={global_batch_size} must be positive.')
-    if global_batch_size % self.num_devices:
-      raise ConfigError(
-          f'{what}={global_batch_size} does not divide evenly over {self.num_devices} devices; '
-          f'use a multiple of {self.num_devices}.')
+    if global_batch_size % self.num_replicas:
+      over = (f'{self.num_devices} devices' if self.model_parallel == 1 else
+              f'{self.num_replicas} model replicas ({self.num_devices} devices, model_parallel='
+              f'{self.model_parallel})')
+      raise ConfigError(f'{what}={global_batch_size} does not divide evenly over {over}; use a '
+                        f'multiple of {self.num_replicas}.')
 
   def local_batch_size(self, global_batch_size: int) -> int:
     """The rows of each global batch that this process reads and feeds."""

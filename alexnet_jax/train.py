@@ -38,7 +38,7 @@ NONFINITE = ('stop', 'skip')
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks that need no data: fail in a second, before anything is compiled or written."""
   experiment.check(config)
-  t, parallel = config.train, Parallel(config.parallelism)
+  t, parallel = config.train, experiment.parallel_of(config)
   parallel.check_batch_size(t.batch_size)
   parallel.check_batch_size(t.eval_batch_size, 'train.eval_batch_size')
   if t.on_nonfinite not in NONFINITE:
@@ -295,7 +295,7 @@ class Loop:
 def resume(manager: Any, state: steps.TrainState, parallel: Parallel, workdir: str,
            say: Callable[[str], None]) -> steps.TrainState:
   """The newest checkpoint that restores (damaged newer ones set aside), else `state`."""
-  restored, damaged = checkpoints.restore_newest(manager, state, parallel.replicated_sharding, say)
+  restored, damaged = checkpoints.restore_newest(manager, state, parallel.shardings(state), say)
   if damaged:
     if jax.process_index() == 0:
       where = checkpoints.set_aside(manager, workdir, damaged)

@@ -31,7 +31,7 @@ from alexnet_jax.errors import ConfigError
 RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
              'train.num_train_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
              'train.checkpoint_max_to_keep', 'train.allow_config_change', 'train.on_nonfinite',
-             'train.eval_batch_size', 'train.profile_steps')
+             'train.eval_batch_size', 'train.profile_steps', 'model_parallel')
 # Fields of earlier versions that never changed what a run computes (a test hook), so a workdir
 # whose config.json still has them resumes.
 RETIRED = ('train.debug_nan_step',)

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.parallelism = 'pmap'  # 'pmap' or 'jit' (Mesh + NamedSharding + shard_map)
+  # Devices per model replica, each holding 1/model_parallel of every layer (jit only); 2: the
+  # paper's two GPUs (§3.2, README.md "The paper's two GPUs"). The batch splits over the replicas.
+  c.model_parallel = 1
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'paper'  # 'paper', 'paper_one_gpu' (§3.2's one-GPU net), 'torchvision'

@@ -1,13 +1,17 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from alexnet_jax import train
+from alexnet_jax.errors import ConfigError
+from alexnet_jax.parallel import Parallel
 from conftest import REPO
 
 EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
@@ -19,21 +23,49 @@ CHECK = os.path.join(REPO, 'tests', 'parallel_check.py')
 
 @pytest.fixture(scope='module')
 def single_process():
-  """1 device, pmap on 8 and jit on 8, 3 steps each, in one 8-device process."""
-  out = subprocess.run([sys.executable, CHECK, '3'], env=EIGHT_DEVICES, cwd=REPO,
+  """1 device, pmap on 8, jit on 8 and jit on 4x2 (model parallel), 5 steps each, in one
+  8-device process."""
+  out = subprocess.run([sys.executable, CHECK, '5'], env=EIGHT_DEVICES, cwd=REPO,
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_one_device_pmap8_jit8_train_identically(single_process):
+def test_one_device_pmap8_jit8_jit4x2_train_identically(single_process):
   results = single_process
   one = results['one']['losses']
   no_dropout = results['one_no_dropout']['losses']
-  assert no_dropout[-1] < no_dropout[0] - 0.1, no_dropout  # the same batch 3 times: it must fall
-  for name in ('pmap8', 'jit8'):
+  assert no_dropout[-1] < no_dropout[0] - 0.1, no_dropout  # the same batch 5 times: it must fall
+  for name in ('pmap8', 'jit8', 'jit4x2'):
     np.testing.assert_allclose(results[name]['losses'], one, rtol=1e-5)
     assert results[name]['max_rel_param_diff'] <= 1e-5, (name, results[name])
+  np.testing.assert_allclose(results['jit4x2']['losses'], results['jit8']['losses'], rtol=1e-5)
+  assert results['jit4x2']['vs_jit8'] <= 1e-5
+
+
+def test_model_parallel_splits_every_layer_in_half(single_process):
+  split = single_process['jit4x2']['split']
+  layers = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
+  assert sorted(split) == sorted(f"['{layer}']['{p}']" for layer in layers
+                                 for p in ('bias', 'kernel'))
+  for name, layout in split.items():
+    assert layout == {'fractions': [0.5], 'disjoint': True}, name
+
+
+def test_checkpoints_cross_model_and_data_parallel(single_process):
+  """Written split over 4x2, restored replicated over 8, and back: the same values."""
+  assert single_process['checkpoints'] == {
+      '4x2->8': {'equal': True, 'fc6_kernel_fraction': 1.0},
+      '8->4x2': {'equal': True, 'fc6_kernel_fraction': 0.5}}
+
+
+@pytest.mark.parametrize('mode,model_parallel,message', [
+    ('pmap', 2, "model_parallel=2 needs --config.parallelism=jit: pmap maps one axis"),
+    ('jit', 2, 'model_parallel=2 does not divide the 1 devices; use a divisor of 1.'),
+    ('jit', 0, 'model_parallel=0 must be 1 (data parallel) or more.')])
+def test_model_parallel_refused(mode, model_parallel, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    Parallel(mode, jax.devices()[:1], model_parallel)
 
 
 def test_cli_refuses_indivisible_batch(tmp_path, digits_dir):
@@ -95,7 +127,7 @@ def test_two_processes_train_like_one(single_process, mode):
   of the global batch, end with the parameters of the single-process run."""
   port = str(20000 + os.getpid() % 20000)
   env = {**EIGHT_DEVICES, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  procs = [subprocess.Popen([sys.executable, CHECK, '3', mode, str(i), '2', port], env=env,
+  procs = [subprocess.Popen([sys.executable, CHECK, '5', mode, str(i), '2', port], env=env,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
