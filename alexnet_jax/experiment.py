@@ -89,9 +89,8 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None = None,
 
 def parallel_of(config: ml_collections.ConfigDict,
                 devices: list[jax.Device] | None = None) -> Parallel:
-  """The devices' layout `config` asks for (config.json files older than `model_parallel` lack
-  it: data parallel)."""
-  return Parallel(config.parallelism, devices, config.get('model_parallel', 1))
+  """The devices' layout `config` asks for."""
+  return Parallel(config.parallelism, devices, config.model_parallel)
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -39,7 +39,7 @@ RETIRED = ('train.debug_nan_step',)
 # is read with them filled in, so an older run evaluates, predicts and resumes as it was trained
 # (resuming it with another value is a config change like any other).
 ADDED = {'model.width': 1.0, 'model.init': 'paper', 'model.lrn_scope': 'all',
-         'dataset.eval_resize': 'paper'}
+         'dataset.eval_resize': 'paper', 'model_parallel': 1}
 # Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
 WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
@@ -106,8 +106,8 @@ def stored_config_dict(workdir: str) -> dict[str, Any] | None:
   with open(path) as f:
     stored = json.load(f)
   for field, value in ADDED.items():
-    section, name = field.split('.')
-    stored.get(section, {}).setdefault(name, value)
+    *section, name = field.split('.')
+    (stored.get(section[0], {}) if section else stored).setdefault(name, value)
   return stored
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import re
 import subprocess
 import sys
@@ -13,6 +14,13 @@ from alexnet_jax import train
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.parallel import Parallel
 from conftest import REPO
+
+
+def free_port() -> int:
+  """A TCP port nobody listens on now (the OS picks it), for a test's JAX coordinator."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
 
 EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
                  'PYTHONPATH': os.pathsep.join([REPO, os.path.join(REPO, 'tests')])}
@@ -125,7 +133,7 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path, digits_dir):
 def test_two_processes_train_like_one(single_process, mode):
   """Two processes on localhost (4 CPU devices each, gloo collectives), each feeding its half
   of the global batch, end with the parameters of the single-process run."""
-  port = str(20000 + os.getpid() % 20000)
+  port = str(free_port())
   env = {**EIGHT_DEVICES, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   procs = [subprocess.Popen([sys.executable, CHECK, '5', mode, str(i), '2', port], env=env,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,7 +162,7 @@ def test_cli_on_eight_devices(tmp_path, digits_dir, mode, prepared):
 def test_cli_two_processes_on_localhost(tmp_path, digits_dir):
   """The README's two-process command, as written there (plus the tiny-run overrides), on
   prepared data."""
-  port = str(20000 + (os.getpid() + 1) % 20000)
+  port = str(free_port())
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'alexnet_jax.main', '--config=configs/default.py',
        f'--workdir={tmp_path}', f'--coordinator_address=localhost:{port}', '--num_processes=2',

@@ -101,15 +101,15 @@ def test_an_older_config_json_reads_with_the_values_its_run_had(tmp_path):
   from alexnet_jax import models
   stored = json.loads(default.get_config().to_json_best_effort())
   for field in workdir.ADDED:
-    section, name = field.split('.')
-    del stored[section][name]
+    *section, name = field.split('.')
+    del (stored[section[0]] if section else stored)[name]
   stored['model']['dtype'] = 'bfloat16'
   (tmp_path / 'config.json').write_text(json.dumps(stored))
   config = workdir.read_config(str(tmp_path))
   model = models.from_config(config.model, num_classes=3)
   assert (model.width, model.init_scheme, model.lrn_scope, model.dtype, model.num_classes) == (
       1.0, 'paper', 'all', jnp.bfloat16, 3)
-  assert config.dataset.eval_resize == 'paper'
+  assert (config.dataset.eval_resize, config.model_parallel) == ('paper', 1)
   # Resuming it with the new default lrn_scope is a change; with the value it had, none.
   current = default.get_config()
   current.model.dtype = 'bfloat16'
