@@ -478,7 +478,7 @@ def eval_batches(split: Split, p: Preprocess, batch_size: int,
 
   Images are uint8; `crops=10`: every image is [C, S, S, 3], the C crops `eval_crop_names` lists.
   """
-  count = len(eval_crop_names(crops, p))
+  num_crops = len(eval_crop_names(crops, p))  # checks `crops` before any work
   ds = split.records.map(
       lambda ex: {'image': eval_image(ex['image'], p, crops, split.stored), 'label': ex['label']},
       num_parallel_calls=tf.data.AUTOTUNE)
@@ -487,7 +487,7 @@ def eval_batches(split: Split, p: Preprocess, batch_size: int,
   for batch in tfds.as_numpy(ds):
     count += 1
     yield pad_batch(batch, batch_size)
-  crop_axis = (count,) if crops > 1 else ()
+  crop_axis = (num_crops,) if crops > 1 else ()
   empty = {'image': np.zeros((0, *crop_axis, p.image_size, p.image_size, 3), np.uint8),
            'label': np.zeros((0,), np.int64)}
   for _ in range(count, -(-split.largest_shard // batch_size)):

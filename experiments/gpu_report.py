@@ -20,6 +20,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from alexnet_jax.benchmark import summary  # noqa: E402  (after the path)
 from alexnet_jax.parallel import MODES  # noqa: E402
+from experiments.report_out import emit  # noqa: E402
 
 _ROWS = flags.DEFINE_list('rows', None, 'JSON-lines files of measured rows (JAX and torch).')
 _MARKDOWN = flags.DEFINE_string('markdown', None, 'Also write the table and ratios here.')
@@ -91,11 +92,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; give the files as --rows=A,B.')
   if not _ROWS.value:
     raise app.UsageError('give --rows=FILE[,FILE...] (JSON-lines rows of the benchmarks).')
-  text = report(read_rows(_ROWS.value))
-  print(text)
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, 'w') as f:
-      f.write(text + '\n')
+  emit(report(read_rows(_ROWS.value)), _MARKDOWN.value)
 
 
 if __name__ == '__main__':

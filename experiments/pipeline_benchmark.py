@@ -46,6 +46,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from experiments.report_out import emit  # noqa: E402  (after the path)
 
 _PATH = flags.DEFINE_string('path', None, 'Folder of JPEG files.')
 _MAKE = flags.DEFINE_integer('make_photos', 0, 'First write this many photo JPEGs into --path.')
@@ -288,11 +289,7 @@ def main(argv) -> None:
   lines += [f'prepared JPEG / decode ceiling: {ratio("jpeg", "ceiling"):.0%} on 1 core '
             f'(goal >= 70%)',
             f'prepared raw: {one["raw"]:,.0f} img/s on 1 core (goal >= 8,000)']
-  text = '\n'.join(lines)
-  print(text)
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, 'w') as f:
-      f.write(text + '\n')
+  emit('\n'.join(lines), _MARKDOWN.value)
 
 
 if __name__ == '__main__':
