@@ -23,16 +23,28 @@ _CPU = (b'I0000 00:00:1796459839.452113    4643 cpu_feature_guard.cc:227] This T
 _ERROR = b'E0000 00:00:1796459839.461234    4643 example.cc:42] a real error while loading\n'
 
 
-class _Chatty(importlib.abc.MetaPathFinder):
-  """Writes the records when `tensorflow` starts loading; the real finders then load it."""
+class _Chatty(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Writes the records when `tensorflow` is loaded (not when it is only looked for, as etils
+  does), then lets the real loader run."""
 
   def find_spec(self, name, path, target=None):
-    del path, target
-    if name == 'tensorflow':
-      os.write(2, _NOTICE + _ONEDNN + _CPU + _NOTICE + _ONEDNN)
-      if os.environ.get('CHATTY_TENSORFLOW_ERROR') == '1':
-        os.write(2, _ERROR)
+    if name != 'tensorflow':
+      return None
+    for finder in sys.meta_path:
+      spec = None if finder is self else finder.find_spec(name, path, target)
+      if spec is not None:
+        self.real, spec.loader = spec.loader, self
+        return spec
     return None
+
+  def create_module(self, spec):
+    return self.real.create_module(spec)
+
+  def exec_module(self, module):
+    os.write(2, _NOTICE + _ONEDNN + _CPU + _NOTICE + _ONEDNN)
+    if os.environ.get('CHATTY_TENSORFLOW_ERROR') == '1':
+      os.write(2, _ERROR)
+    self.real.exec_module(module)
 
 
 sys.meta_path.insert(0, _Chatty())
