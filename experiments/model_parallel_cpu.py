@@ -153,10 +153,11 @@ def main(argv: list[str]) -> None:
       for name, runs in results.items():
         times = [1e3 * t for run in runs for t in run['step_s']]
         medians[name] = statistics.median(times)
-        lines.append(f'| {case} (batch {batch_size}) | {name} ({rev if name == "baseline" else head}) '
-                     f'| {medians[name]:.1f} | {", ".join(f"{t:.0f}" for t in times)} | '
-                     f'{", ".join(f"{run["compile_s"]:.1f}" for run in runs)} | '
-                     f'{", ".join(f"{run["loss"]:.5f}" for run in runs)} |')
+        cells = [f'{case} (batch {batch_size})', f'{name} ({rev if name == "baseline" else head})',
+                 f'{medians[name]:.1f}', ', '.join(f'{t:.0f}' for t in times),
+                 ', '.join(f'{run["compile_s"]:.1f}' for run in runs),
+                 ', '.join(f'{run["loss"]:.5f}' for run in runs)]
+        lines.append('| ' + ' | '.join(cells) + ' |')
       notes.append(f'- {case}: baseline / current time per step = '
                    f'**{medians["baseline"] / medians["current"]:.2f}**')
   lines += ['', 'Collectives of each compiled step (alexnet_jax/traffic.py; bytes by a '
