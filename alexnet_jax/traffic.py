@@ -50,7 +50,11 @@ class Collective:
 
 def _groups(text: str) -> list[list[int]] | None:
   """An instruction's replica groups: explicit ({{0,1},{2,3}}) or iota ([2,2]<=[4], optionally
-  transposed: [2,2]<=[2,2]T(1,0)); None when it has none (every device in one group)."""
+  transposed: [2,2]<=[2,2]T(1,0)), or a collective-permute's (source, target) pairs that cross
+  devices; None when it has none (every device in one group)."""
+  match = re.search(r'source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}', text)
+  if match:
+    return [[int(a), int(b)] for a, b in re.findall(r'\{(\d+),(\d+)\}', match[1]) if a != b]
   match = re.search(r'replica_groups=\{((?:\{[\d,]*\},?)*)\}', text)
   if match:
     return [[int(i) for i in g.split(',') if i] for g in re.findall(r'\{([\d,]*)\}', match[1])]
@@ -121,10 +125,12 @@ def collectives(hlo_text: str, mesh_shape: tuple[int, int]) -> list[Collective]:
     shape, kind = match[1], match[2]
     if match[3] and kind in ('all-gather', 'collective-permute'):  # (operand, result, ...)
       shape = _tuple_elements(shape)[1]
-    groups = _groups(line) or [list(range(math.prod(mesh_shape)))]
+    groups = _groups(line)
+    if groups is None or (not groups and kind != 'collective-permute'):
+      groups = [list(range(math.prod(mesh_shape)))]  # replica_groups={}: every device
+    if not groups or len(groups[0]) == 1:
+      continue  # within one device: nothing moves
     size = len(groups[0])
-    if size == 1:
-      continue
     op_name = re.search(r'op_name="([^"]*)"', line)
     path = op_name[1].split('/') if op_name else ['?']
     # The innermost named scope ('conv3_input'), else the primitive ('psum'); a transform

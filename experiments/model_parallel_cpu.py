@@ -109,7 +109,8 @@ def run_child(tree: str, batch_size: int, overrides: dict, hlo_path: str) -> dic
 
 
 def traffic_summary(hlo_text: str, mesh: tuple[int, int]) -> str:
-  """'N collectives, B bytes' per axis, and the model axis's by kind."""
+  """Per axis: how many collectives of each kind, the bytes they send, and where (the named
+  scope each runs in: our exchanges' names, or the flax layer XLA partitioned)."""
   found = traffic.collectives(hlo_text, mesh)
   parts = []
   for axis in ('model', 'mixed', 'batch'):
@@ -117,8 +118,9 @@ def traffic_summary(hlo_text: str, mesh: tuple[int, int]) -> str:
     if mine:
       kinds = {kind: sum(c.kind == kind for c in mine) for kind in traffic.KINDS}
       by_kind = ', '.join(f'{n} {kind}' for kind, n in kinds.items() if n)
+      where = ', '.join(sorted({c.where for c in mine}))
       parts.append(f'{axis} axis: {len(mine)} collectives ({by_kind}), '
-                   f'{sum(c.bytes_sent for c in mine):,} bytes sent per device')
+                   f'{sum(c.bytes_sent for c in mine):,} bytes sent per device, in: {where}')
   return '; '.join(parts)
 
 

@@ -26,6 +26,8 @@ HLO = '''
   %pmin.7 = s32[] all-reduce(%f), channel_id=4, replica_groups={{0},{1},{2},{3}}, to_apply=%m
   %everyone = bf16[16]{0} all-reduce(%g), channel_id=5, replica_groups={}, to_apply=%m
   %fusion.2 = f32[8,512]{1,0} fusion(%all-gather.3), kind=kLoop, calls=%fused
+  %collective-permute.4 = f32[8,1,5,64]{3,2,1,0} collective-permute(%h), channel_id=6, source_target_pairs={{0,1},{2,3}}, metadata={op_name="jit(laid_out)/shard_map/jvp(AlexNet)/conv2/conv_general_dilated"}
+  %collective-permute.5 = f32[8]{0} collective-permute(%k), channel_id=7, source_target_pairs={{0,0},{1,1}}
 '''
 
 
@@ -36,10 +38,11 @@ def test_collectives_reads_axes_stages_and_bytes_from_hlo():
       ('reduce-scatter', 'model', 'conv3_input', 'backward', 2, 8 * 9 * 32 * 4),
       ('all-reduce', 'batch', 'psum', 'step', 2, 2 * (1024 * 5 + 5) * 4 // 2),
       ('all-gather', 'model', '?', 'step', 2, 8 * 512 * 4 // 2),  # the result, not the operand
-      ('all-reduce', 'mixed', '?', 'step', 4, 2 * 16 * 2 * 3 // 4)]  # {} = every device
+      ('all-reduce', 'mixed', '?', 'step', 4, 2 * 16 * 2 * 3 // 4),  # {} = every device
+      ('collective-permute', 'model', 'conv2', 'forward', 2, 8 * 5 * 64 * 4)]  # a halo
   assert traffic.model_axis_exchanges(found) == collections.Counter({
       ('all-gather', 'conv3_input', 'forward'): 1, ('reduce-scatter', 'conv3_input', 'backward'): 1,
-      ('all-gather', '?', 'step'): 1})
+      ('all-gather', '?', 'step'): 1, ('collective-permute', 'conv2', 'forward'): 1})
 
 
 @pytest.fixture(scope='module')
