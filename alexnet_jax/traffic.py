@@ -86,6 +86,20 @@ def _short(shape: str) -> str:
   return re.sub(r'\{[^}]*\}', '', shape)
 
 
+def _op_path(op_name: str) -> list[str]:
+  """An op_name's components: 'jit(f)/transpose(jvp(AlexNet/conv2))/gather' → ['jit(f)',
+  'transpose(jvp(AlexNet/conv2))', 'gather'] (a '/' inside parentheses does not split)."""
+  parts, depth, current = [], 0, ''
+  for char in op_name:
+    if char == '/' and depth == 0:
+      parts.append(current)
+      current = ''
+      continue
+    depth += (char == '(') - (char == ')')
+    current += char
+  return parts + [current]
+
+
 def _nbytes(shape: str) -> int:
   """Bytes of an HLO result type: 'f32[8,1024]{0,1}' or a tuple of such."""
   return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
@@ -132,7 +146,7 @@ def collectives(hlo_text: str, mesh_shape: tuple[int, int]) -> list[Collective]:
       continue  # within one device: nothing moves
     size = len(groups[0])
     op_name = re.search(r'op_name="([^"]*)"', line)
-    path = op_name[1].split('/') if op_name else ['?']
+    path = _op_path(op_name[1]) if op_name else ['?']
     # The innermost named scope ('conv3_input'), else the primitive ('psum'); a transform
     # ('jvp(AlexNet)') or the shard_map is no scope of ours.
     scope = path[-2] if len(path) > 1 and re.fullmatch(r'\w+', path[-2]) and (
