@@ -28,6 +28,7 @@ HLO = '''
   %fusion.2 = f32[8,512]{1,0} fusion(%all-gather.3), kind=kLoop, calls=%fused
   %collective-permute.4 = f32[8,1,5,64]{3,2,1,0} collective-permute(%h), channel_id=6, source_target_pairs={{0,1},{2,3}}, metadata={op_name="jit(laid_out)/shard_map/jvp(AlexNet)/conv2/conv_general_dilated"}
   %collective-permute.5 = f32[8]{0} collective-permute(%k), channel_id=7, source_target_pairs={{0,0},{1,1}}
+  %all-to-all.6 = f32[2,4]{1,0} all-to-all(%l), channel_id=8, replica_groups={{0,1},{2,3}}, dimensions={0}, metadata={op_name="jit(laid_out)/transpose(jvp(AlexNet/conv4))/all_to_all"}
 '''
 
 
@@ -39,10 +40,12 @@ def test_collectives_reads_axes_stages_and_bytes_from_hlo():
       ('all-reduce', 'batch', 'psum', 'step', 2, 2 * (1024 * 5 + 5) * 4 // 2),
       ('all-gather', 'model', '?', 'step', 2, 8 * 512 * 4 // 2),  # the result, not the operand
       ('all-reduce', 'mixed', '?', 'step', 4, 2 * 16 * 2 * 3 // 4),  # {} = every device
-      ('collective-permute', 'model', 'conv2', 'forward', 2, 8 * 5 * 64 * 4)]  # a halo
+      ('collective-permute', 'model', 'conv2', 'forward', 2, 8 * 5 * 64 * 4),  # a halo
+      ('all-to-all', 'model', 'all_to_all', 'backward', 2, 2 * 4 * 4 // 2)]
   assert traffic.model_axis_exchanges(found) == collections.Counter({
       ('all-gather', 'conv3_input', 'forward'): 1, ('reduce-scatter', 'conv3_input', 'backward'): 1,
-      ('all-gather', '?', 'step'): 1, ('collective-permute', 'conv2', 'forward'): 1})
+      ('all-gather', '?', 'step'): 1, ('collective-permute', 'conv2', 'forward'): 1,
+      ('all-to-all', 'all_to_all', 'backward'): 1})
 
 
 @pytest.fixture(scope='module')
