@@ -17,10 +17,18 @@ so an interrupted run keeps what it measured. No TensorFlow is imported on this 
 `benchmark.float_batch_baseline`: after the grid, the headline case once more on a float32 batch
 already normalised (what the host sent before batches became uint8), so the table shows what the
 device-side normalisation and lighting cost (experiments/gpu_report.py states it as a ratio).
+
+`--traffic` times nothing: it compiles --config's own train step (its parallelism, model_parallel,
+model.dtype, train.batch_size; the benchmark section is not read) and prints where the devices talk
+(alexnet_jax/traffic.py), e.g. the paper's two towers on two CPU devices:
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m alexnet_jax.benchmark \
+        --config=configs/imagenet.py --traffic --config.parallelism=jit --config.model_parallel=2 \
+        --config.train.batch_size=128
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -30,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from alexnet_jax import cli, experiment, models, steps
+from alexnet_jax import cli, experiment, models, steps, traffic
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.parallel import MODES, Parallel
 
@@ -109,14 +117,8 @@ def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size
   case.model.update(impls)
   exp = experiment.build(case)
   image_size, parallel, step = exp.pre.image_size, exp.parallel, exp.train_step
-  rng = np.random.default_rng(0)
-  shape = (batch_size, image_size, image_size, 3)
-  batch = parallel.put_batch({
-      'image': (rng.integers(0, 256, shape, dtype=np.uint8) if batch_dtype == 'uint8' else
-                rng.standard_normal(shape, dtype=np.float32)),
-      'shift': rng.normal(0, 0.01, (batch_size, 3)).astype(np.float32),
-      'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
-      'index': np.arange(batch_size, dtype=np.int32)})
+  batch = parallel.put_batch(synthetic_batch(batch_size, image_size, exp.model.num_classes,
+                                             batch_dtype))
   state = parallel.put_state(host_state)
 
   start = time.perf_counter()
@@ -143,6 +145,38 @@ def measure(config: ml_collections.ConfigDict, mode: str, dtype: str, batch_size
                   image_size=image_size, batch_dtype=batch_dtype,
                   step_times_ms=[1e3 * t for t in blocks],
                   final_loss=float(parallel.get(metrics)['train_loss']))
+
+
+def synthetic_batch(batch_size: int, image_size: int, num_classes: int,
+                    batch_dtype: str = 'uint8') -> dict[str, np.ndarray]:
+  """One random training batch as the input pipeline sends it (uint8 pixels and lighting
+  shifts), or with float32 pixels as if normalised on the host."""
+  rng = np.random.default_rng(0)
+  shape = (batch_size, image_size, image_size, 3)
+  return {'image': (rng.integers(0, 256, shape, dtype=np.uint8) if batch_dtype == 'uint8' else
+                    rng.standard_normal(shape, dtype=np.float32)),
+          'shift': rng.normal(0, 0.01, (batch_size, 3)).astype(np.float32),
+          'label': rng.integers(0, num_classes, batch_size).astype(np.int32),
+          'index': np.arange(batch_size, dtype=np.int32)}
+
+
+def collectives(config: ml_collections.ConfigDict) -> tuple[list[traffic.Collective], str]:
+  """The cross-device collectives of `config`'s train step (its parallelism, model_parallel,
+  model and train.batch_size) as compiled for these devices, and a title saying which step;
+  nothing runs but the compiler."""
+  exp = experiment.build(config)
+  parallel = exp.parallel
+  parallel.check_batch_size(config.train.batch_size)
+  batch = parallel.put_batch(synthetic_batch(config.train.batch_size, exp.pre.image_size,
+                                             exp.model.num_classes))
+  compiled = exp.train_step.lower(parallel.put_state(exp.init_state()), batch).compile()
+  device = jax.devices()[0]
+  title = (f'Train step: {config.model.variant}, width {config.model.width:g}, '
+           f'{exp.pre.image_size}x{exp.pre.image_size}, {config.model.dtype}, global batch '
+           f'{config.train.batch_size}, parallelism={config.parallelism}, {parallel.num_replicas} '
+           f'replica{"s" * (parallel.num_replicas > 1)} x model_parallel={parallel.model_parallel} on {parallel.num_devices} '
+           f'{device.device_kind if device.platform != "cpu" else "CPU"} devices')
+  return traffic.collectives(compiled.as_text(), parallel.mesh.devices.shape), title
 
 
 def parse_search(search: Sequence[str]) -> list[tuple[str, str]]:
@@ -235,6 +269,9 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'configs/benchmark.py')
   flags.DEFINE_string('json', None, 'Append one JSON object per measured row here.')
   flags.DEFINE_string('markdown', None, 'Write the final table here.')
+  flags.DEFINE_bool('traffic', False, "Time nothing: print the collectives of --config's compiled "
+                    'train step (its parallelism, model_parallel, train.batch_size), with the '
+                    "bytes each sends, next to the paper's pattern (--json: one line each).")
   flags.mark_flags_as_required(['config'])
 
 
@@ -245,21 +282,30 @@ def main(args: list[str]) -> None:
   for path, flag in ((json_path, '--json'), (markdown, '--markdown')):
     if path:
       cli.check_output(path, flag)
-  print(format_table([]), flush=True)
 
-  def emit(row):
-    print(format_row(row), flush=True)
+  def save(row):
     if json_path:
       with open(json_path, 'a') as f:
         f.write(json.dumps(row) + '\n')
 
-  text = summary(run(flags.FLAGS.config, emit))
+  if flags.FLAGS.traffic:
+    found, title = collectives(flags.FLAGS.config)
+    for c in found:
+      save(dataclasses.asdict(c))
+    text = traffic.format_report(found, title)
+  else:
+    print(format_table([]), flush=True)
+
+    def emit(row):
+      print(format_row(row), flush=True)
+      save(row)
+
+    text = summary(run(flags.FLAGS.config, emit))
   print('\n' + text, flush=True)
   if markdown:
     with open(markdown, 'w') as f:
       f.write(text + '\n')
 
-
 if __name__ == '__main__':
   cli.run(main, define_flags, 'python -m alexnet_jax.benchmark --config=configs/benchmark.py '
-          '[--json=FILE] [--markdown=FILE] [--config.FIELD=VALUE ...]')
+          '[--traffic] [--json=FILE] [--markdown=FILE] [--config.FIELD=VALUE ...]')

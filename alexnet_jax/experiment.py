@@ -22,7 +22,7 @@ import optax
 from alexnet_jax import checkpoints, models, optim, steps
 from alexnet_jax import workdir as workdir_lib
 from alexnet_jax.errors import ConfigError
-from alexnet_jax.parallel import Parallel
+from alexnet_jax.parallel import MODEL_AXIS, Parallel
 from alexnet_jax.preprocess import Preprocess
 
 # What an evaluation may take from a --config that differs from the run's config.json (where the
@@ -50,24 +50,32 @@ class Experiment:
     return jax.device_get(steps.create_train_state(
         self.model, self.tx, self.plateau, self.pre.image_size, self.config.seed, params))
 
+  @property
+  def device_model(self) -> models.AlexNet:
+    """The model as each device runs it inside the wrapped steps: whole, or with model_parallel
+    > 1 one tower per device, exchanging maps over the mesh's model axis."""
+    if self.parallel.model_parallel == 1:
+      return self.model
+    return self.model.clone(tower_axis=MODEL_AXIS)
+
   @functools.cached_property
   def train_step(self) -> Callable:
     """(device state, batch) -> (state, metrics); the state's buffers are donated."""
     return self.parallel.wrap(functools.partial(
-        steps.train_step, model=self.model, tx=self.tx, mean=self.pre.mean, std=self.pre.std),
-        donate_state=True)
+        steps.train_step, model=self.device_model, tx=self.tx, mean=self.pre.mean,
+        std=self.pre.std), updates_state=True)
 
   @functools.cached_property
   def eval_step(self) -> Callable:
     """(device params, batch) -> sums of errors and loss over the global batch."""
     return self.parallel.wrap(functools.partial(
-        steps.eval_step, model=self.model, mean=self.pre.mean, std=self.pre.std))
+        steps.eval_step, model=self.device_model, mean=self.pre.mean, std=self.pre.std))
 
   @functools.cached_property
   def plateau_step(self) -> Callable:
     """(device state, {'val_error'}) -> (state with the plateau rule fed, {})."""
     return self.parallel.wrap(functools.partial(steps.plateau_step, plateau=self.plateau),
-                              donate_state=True)
+                              updates_state=True)
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int | None = None,
@@ -82,7 +90,9 @@ def build(config: ml_collections.ConfigDict, num_classes: int | None = None,
   model = models.from_config(config.model, num_classes)
   pre = Preprocess.from_config(config.dataset)
   models.check_image_size(model, pre.image_size)
-  return Experiment(config=config, parallel=parallel_of(config, devices), model=model,
+  parallel = parallel_of(config, devices)
+  models.check_model_parallel(model, parallel.model_parallel)
+  return Experiment(config=config, parallel=parallel, model=model,
                     tx=optim.make_optimizer(config.optimizer),
                     plateau=optim.make_plateau(config.optimizer), pre=pre)
 

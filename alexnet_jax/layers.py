@@ -194,6 +194,32 @@ class Conv2d(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def gather_towers(x: jax.Array, axis_name: str) -> jax.Array:
+  """Every tower's channels (last axis, tower 0 first), each from the device that runs it (inside
+  a shard_map manual over `axis_name`): the exchange where a layer reads both towers. Its gradient
+  is a reduce-scatter: that layer holds a different part of its kernels on each device, so each
+  device's cotangent is its part's contribution, and they add up."""
+  return jax.lax.all_gather(x, axis_name, axis=x.ndim - 1, tiled=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gather_whole(x: jax.Array, axis_name: str) -> jax.Array:
+  """`gather_towers` for a value every device then uses in the same whole computation (the logits,
+  or a layer not split over the devices): its cotangent is the same on every device, so each
+  keeps its own slice of it and nothing travels back (a reduce-scatter would add it up once per
+  device)."""
+  return gather_towers(x, axis_name)
+
+
+def _gather_whole_bwd(axis_name: str, _: None, cotangent: jax.Array) -> tuple[jax.Array]:
+  size = cotangent.shape[-1] // jax.lax.axis_size(axis_name)
+  return (jax.lax.dynamic_slice_in_dim(cotangent, jax.lax.axis_index(axis_name) * size, size,
+                                       axis=cotangent.ndim - 1),)
+
+
+gather_whole.defvjp(lambda x, axis_name: (gather_towers(x, axis_name), None), _gather_whole_bwd)
+
+
 def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
   """torch.nn.AdaptiveAvgPool2d on NHWC: bin i spans [floor(i*H/out), ceil((i+1)*H/out))."""
   def pool_axis(x, axis, out):

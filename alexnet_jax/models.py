@@ -139,6 +139,31 @@ def check_options(values: Mapping[str, Any]) -> None:
                       f"--config.model.groups=1.")
 
 
+def check_model_parallel(model: AlexNet, model_parallel: int) -> None:
+  """Raises ConfigError unless `model` can run one tower on each of `model_parallel` devices (1:
+  nothing to split): the towers exchange maps only where the paper's GPUs did (§3.2), so the
+  devices must be the towers, and no layer may read across them anywhere else."""
+  if model_parallel == 1:
+    return
+  if not has_towers(model.variant):
+    raise ConfigError(f'model_parallel={model_parallel} runs one tower per device, and '
+                      f'model.variant={model.variant!r} has no towers; use the paper variant with '
+                      f'--config.model.groups={model_parallel}, or model_parallel=1.')
+  if model.groups != model_parallel:
+    raise ConfigError(f'model_parallel={model_parallel} runs one tower per device, but '
+                      f'model.groups={model.groups}; set --config.model.groups={model_parallel} or '
+                      f'--config.model_parallel={model.groups}.')
+  if model.lrn and model.lrn_scope == 'all':
+    raise ConfigError(f"model.lrn_scope='all' normalises across the towers, which model_parallel="
+                      f"{model_parallel} runs on different devices; use model.lrn_scope='tower' "
+                      f"(the paper's) or model_parallel=1.")
+  for row in VARIANTS[model.variant]:
+    if isinstance(row, Dense) and row.features is not None and not model.splits(row):
+      raise ConfigError(f'model.width={model.width:g} gives {row.name} {model.features(row)} '
+                        f'units, which do not split over model_parallel={model_parallel} '
+                        f'devices; use a width that gives a multiple of {model_parallel}.')
+
+
 def initializers(
     row: Conv | Dense, init: str, std: float, bias_one: float
 ) -> tuple[nn.initializers.Initializer, nn.initializers.Initializer]:
@@ -182,6 +207,11 @@ class AlexNet(nn.Module):
   lrn_impl: str = 'reduce_window'
   pool_impl: str = 'reduce_window'
   conv1_impl: str = 'plain'
+  # Inside a shard_map manual over this mesh axis, of `groups` devices: each device runs one tower
+  # (its share of every layer's kernels and neurons) and the towers exchange maps only where a layer
+  # reads both (the paper's two GPUs, §3.2; `device_features`). None: every tower runs here.
+  # Set by alexnet_jax/experiment.py, not by a config.
+  tower_axis: str | None = None
 
   def __post_init__(self):
     super().__post_init__()
@@ -197,6 +227,18 @@ class AlexNet(nn.Module):
       return max(1, round(row.features * self.width))
     return self.groups * max(1, round(row.features * self.width / self.groups))
 
+  def splits(self, row: Conv | Dense) -> bool:
+    """Whether a row's outputs split over the towers' devices: every convolution's (a multiple of
+    `groups`); a dense row's when `groups` divides them (`check_model_parallel` lets only fc8, the
+    classes, run whole on every device)."""
+    return isinstance(row, Conv) or self.features(row) % self.groups == 0
+
+  def device_features(self, row: Conv | Dense) -> int:
+    """A row's outputs computed on this device: all of them, or with `tower_axis` one tower's
+    share of a row that `splits`."""
+    split = self.tower_axis is not None and self.splits(row)
+    return self.features(row) // self.groups if split else self.features(row)
+
   @nn.compact
   def __call__(
       self, x: jax.Array, *, train: bool, example_ids: jax.Array | None = None
@@ -206,35 +248,50 @@ class AlexNet(nn.Module):
       example_ids = jnp.arange(x.shape[0])
     pool = 3 if self.overlapping_pool else 2
     x = x.astype(self.dtype)
+    spread = self.tower_axis is not None  # one tower on this device: groups are devices
+    local = False  # x holds only this device's tower (its share of the channels or units)
     for row in VARIANTS[self.variant]:
       kernel_init, bias_init = initializers(row, self.init_scheme, self.init_std, self.bias_init)
       if isinstance(row, Conv):
+        if local and not row.grouped:  # conv3 reads both towers' maps: the exchange (§3.2)
+          with jax.named_scope(f'{row.name}_input'):
+            x, local = layers.gather_towers(x, self.tower_axis), False
         x = layers.Conv2d(
-            self.features(row), row.kernel, row.stride, row.padding,
-            groups=self.groups if row.grouped else 1, kernel_init=kernel_init, bias_init=bias_init,
-            dtype=self.dtype, group_impl=self.group_impl,
+            self.device_features(row), row.kernel, row.stride, row.padding,
+            groups=self.groups if row.grouped and not spread else 1, kernel_init=kernel_init,
+            bias_init=bias_init, dtype=self.dtype, group_impl=self.group_impl,
             space_to_depth=row.name == 'conv1' and self.conv1_impl == 'space_to_depth',
             name=row.name)(x)
+        local = spread
         x = nn.relu(x)
         if row.lrn and self.lrn:
-          x = layers.local_response_norm(
-              x, impl=self.lrn_impl, groups=self.groups if self.lrn_scope == 'tower' else 1)
+          towers = self.groups if self.lrn_scope == 'tower' and not spread else 1
+          x = layers.local_response_norm(x, impl=self.lrn_impl, groups=towers)
         conv_out = x
         if row.pool:
           x = layers.max_pool(x, pool, 2, self.pool_impl)
         self.sow('intermediates', 'rows', (conv_out, x))
         continue
+      split = spread and self.splits(row)
+      if local:  # a dense row reads the whole previous layer (fc6: both towers' maps)
+        gather = layers.gather_towers if split else layers.gather_whole
+        with jax.named_scope(f'{row.name}_input'):
+          x, local = gather(x, self.tower_axis), False
       if x.ndim == 4:  # first dense row: flatten H, W, C (in that order)
         if self.variant == 'torchvision':
           x = layers.adaptive_avg_pool(x, (TORCHVISION_POOL, TORCHVISION_POOL))
         x = x.reshape(x.shape[0], -1)
       if row.dropout and train and self.dropout_rate > 0:
         x = layers.per_example_dropout(x, self.dropout_rate, self.make_rng('dropout'), example_ids)
-      x = nn.Dense(self.features(row), kernel_init=kernel_init,
+      x = nn.Dense(self.device_features(row), kernel_init=kernel_init,
                    bias_init=bias_init, dtype=self.dtype, name=row.name)(x)
+      local = split
       if row.relu:
         x = nn.relu(x)
       self.sow('intermediates', 'rows', (x, x))
+    if local:  # the softmax reads every class
+      with jax.named_scope('logits'):
+        x = layers.gather_whole(x, self.tower_axis)
     return x.astype(jnp.float32)
 
 
@@ -244,9 +301,10 @@ CONFIG_NAMES = {'init_scheme': 'init'}
 
 def config_fields() -> dict[str, dataclasses.Field]:
   """AlexNet's fields that a config's `model` section sets, by config name: all but num_classes
-  (the caller resolves model.num_classes=-1) and flax's parent and name."""
+  (the caller resolves model.num_classes=-1), tower_axis (the devices' layout sets it) and flax's
+  parent and name."""
   return {CONFIG_NAMES.get(field.name, field.name): field for field in dataclasses.fields(AlexNet)
-          if field.name not in ('num_classes', 'parent', 'name')}
+          if field.name not in ('num_classes', 'tower_axis', 'parent', 'name')}
 
 
 def from_config(model: ml_collections.ConfigDict, num_classes: int) -> AlexNet:

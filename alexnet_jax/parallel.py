@@ -7,8 +7,9 @@ named axis `AXIS` for `lax.pmean`/`psum`. They differ only in how arrays are lai
          each; the state is global arrays, every layer's kernel and bias split on its last axis
          (output channels, neurons) over `MODEL_AXIS` (replicated when `model_parallel` is 1), the
          rest replicated (`shardings`); batches are sharded on their leading axis over `AXIS`.
-         The step is manual over `AXIS` only: XLA partitions each layer over `MODEL_AXIS` from the
-         parameters' layout (README.md, "The paper's two GPUs").
+         The step is manual over both axes: with `model_parallel` > 1 each device runs one tower
+         of the model (models.AlexNet.tower_axis), whose own collectives are the only exchanges
+         between a replica's devices (README.md, "The paper's two GPUs").
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Parallel:
   def __init__(self, mode: str, devices: Sequence[jax.Device] | None = None,
                model_parallel: int = 1):
     """`devices`: all of them by default (every process's, in multi-host runs);
-    `model_parallel`: devices per model replica, each holding 1/model_parallel of every layer."""
+    `model_parallel`: devices per model replica, each running one of the model's towers
+    (models.check_model_parallel)."""
     if mode not in MODES:
       raise ConfigError(f'parallelism={mode!r} is unknown; use one of {MODES}.')
     if model_parallel < 1:
@@ -69,21 +71,24 @@ class Parallel:
   def num_local_devices(self) -> int:
     return len(self._local_devices)
 
-  def wrap(self, step: Callable[[Any, Any], Any], donate_state: bool = False) -> Callable:
-    """`step(state, batch_shard) -> outputs`, run on all devices; outputs must be replicated."""
-    donate = (0,) if donate_state else ()
+  def wrap(self, step: Callable[[Any, Any], Any], updates_state: bool = False) -> Callable:
+    """`step(state, batch_shard) -> outputs`, run on all devices; the first argument (a state or
+    parameters) comes in the mode's layout, the outputs are replicated; with `updates_state` they
+    are (the new state, replicated metrics), the new state in the old one's layout and buffers."""
+    donate = (0,) if updates_state else ()
     if self.mode == 'pmap':
       return jax.pmap(step, axis_name=AXIS, donate_argnums=donate,
                       devices=list(self.mesh.devices.flat))
-    # check_vma=False keeps pmap's autodiff semantics: gradients of the replicated parameters stay
-    # per shard until the step's explicit pmean (with it, JAX would psum them implicitly). Manual
-    # over AXIS only: MODEL_AXIS stays XLA's, which splits each layer as its parameters are split.
-    sharded = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-                            axis_names={AXIS}, check_vma=False)
 
-    def laid_out(state, batch):  # outputs in the state layout, so the next step's state is split
-      outputs = sharded(state, batch)
-      return jax.lax.with_sharding_constraint(outputs, self.shardings(outputs))
+    def laid_out(state, batch):
+      # Manual over both axes: each device sees its part of every split leaf (its tower's kernels
+      # and neurons), and exchanges only what the step's own collectives say. check_vma=False keeps
+      # pmap's autodiff semantics: gradients stay per device until the step's explicit pmean (with
+      # it, JAX would psum the replicated parameters' gradients implicitly).
+      specs = self.specs(state)
+      return jax.shard_map(step, mesh=self.mesh, in_specs=(specs, P(AXIS)),
+                           out_specs=(specs, P()) if updates_state else P(),
+                           check_vma=False)(state, batch)
 
     return jax.jit(laid_out, donate_argnums=donate)
 
@@ -95,16 +100,22 @@ class Parallel:
                             NamedSharding(self._local_mesh, P(AXIS)))
     return self.global_arrays(state)
 
-  def shardings(self, tree: Any) -> Any:
-    """The global layout of a state-like tree (state, params, metrics; arrays or shapes): each
-    `SPLIT` leaf split on its last axis over MODEL_AXIS when model_parallel divides it, every
-    other leaf replicated. Checkpoints are written from and read into this layout."""
-    def sharding(path, x):
+  def specs(self, tree: Any) -> Any:
+    """The global layout of a state-like tree (state, params, metrics; arrays or shapes), as
+    PartitionSpecs: each `SPLIT` leaf split on its last axis over MODEL_AXIS when model_parallel
+    divides it (the towers' kernels and neurons, one tower per device: models.AlexNet.splits), every
+    other leaf replicated."""
+    def spec(path, x):
       name = getattr(path[-1], 'key', None) if path else None
       split = (self.model_parallel > 1 and name in SPLIT and np.ndim(x) > 0
                and np.shape(x)[-1] % self.model_parallel == 0)
-      return NamedSharding(self.mesh, P(*[None] * (np.ndim(x) - 1), MODEL_AXIS) if split else P())
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+      return P(*[None] * (np.ndim(x) - 1), MODEL_AXIS) if split else P()
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+  def shardings(self, tree: Any) -> Any:
+    """`specs` as NamedShardings: the layout checkpoints are written from and read into."""
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self.specs(tree),
+                        is_leaf=lambda x: isinstance(x, P))
 
   def global_arrays(self, tree: Any) -> Any:
     """Host arrays (the same in every process) → global arrays laid out by `shardings`: jit's

@@ -77,6 +77,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
   loss = jax.lax.pmean(loss, AXIS)
   finite = jnp.isfinite(loss) & jnp.all(
       jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  if model.tower_axis:  # each device holds its tower's gradients: all keep or skip the step
+    with jax.named_scope('gradients_finite'):  # the name alexnet_jax/traffic.py reports
+      finite = jax.lax.pmin(finite.astype(jnp.int32), model.tower_axis) == 1
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, optim.scale_updates(updates, state.plateau_state))
   keep_if_bad = lambda new, old: jnp.where(finite, new, old)

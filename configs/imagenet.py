@@ -24,8 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.parallelism = 'pmap'  # 'pmap' or 'jit' (Mesh + NamedSharding + shard_map)
-  # Devices per model replica, each holding 1/model_parallel of every layer (jit only); 2: the
-  # paper's two GPUs (§3.2, README.md "The paper's two GPUs"). The batch splits over the replicas.
+  # Devices per model replica (jit only): 1, or model.groups, each device running one tower and
+  # exchanging maps only where the paper's two GPUs did (§3.2, README.md "The paper's two GPUs").
+  # The batch splits over the replicas.
   c.model_parallel = 1
 
   c.model = ml_collections.ConfigDict()

@@ -1,8 +1,10 @@
 """Trains the tiny model a few steps from one state and one global batch; prints JSON.
 
-    parallel_check.py STEPS                       # 1 device, pmap on 8, jit on 8, jit on 4x2 model
-                                                  # parallel (needs 8 devices)
-    parallel_check.py STEPS MODE PID NPROC PORT   # one process of a multi-process run
+    parallel_check.py STEPS                       # 1 device, pmap on 8, jit on 8, jit on 4x2 and
+                                                  # 1x2 model parallel, 2x4 with 4 towers (needs 8
+                                                  # devices)
+    parallel_check.py STEPS MODE PID NPROC PORT [MODEL_PARALLEL]  # one process of a multi-process
+                                                  # run
 
 See tests/test_train.py for how they are started.
 """
@@ -94,8 +96,9 @@ def main():
   config, batch = setup()
   if len(sys.argv) > 2:  # one process of a multi-process run
     mode, pid, nproc, port = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    model_parallel = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     jax.distributed.initialize(f'localhost:{port}', num_processes=nproc, process_id=pid)
-    losses, params = run(mode, jax.devices(), steps, config, batch)
+    losses, params = run(mode, jax.devices(), steps, config, batch, model_parallel)
     print(json.dumps({'devices': len(jax.devices()), 'losses': losses,
                       'param_sum': float(np.sum(params, dtype=np.float64)),
                       'param_head': params[:1000:7].tolist()}))
@@ -105,8 +108,16 @@ def main():
   jit8, jit4x2 = {}, {}
   results = {name: run(mode, devs, steps, config, batch, *more) for name, mode, devs, *more in
              [('one', 'jit', devices[:1]), ('pmap8', 'pmap', devices),
-              ('jit8', 'jit', devices, 1, jit8), ('jit4x2', 'jit', devices, 2, jit4x2)]}
+              ('jit8', 'jit', devices, 1, jit8), ('jit4x2', 'jit', devices, 2, jit4x2),
+              ('jit1x2', 'jit', devices[:2], 2)]}
   out = summary(results, results['one'][1])
+  # Four towers on four devices (fc8's 10 classes do not split over 4: it runs whole on each).
+  config.model.groups = 4
+  towers4 = {name: run('jit', devs, steps, config, batch, model_parallel)
+             for name, devs, model_parallel in (('one', devices[:1], 1), ('jit2x4', devices, 4))}
+  out['jit2x4_groups4'] = summary(towers4, towers4['one'][1])['jit2x4']
+  out['jit2x4_groups4']['one_losses'] = towers4['one'][0]
+  config.model.groups = 2
   out['jit4x2']['split'] = split_fractions(jit4x2['state'])
   out['jit4x2']['vs_jit8'] = summary(results, results['jit8'][1])['jit4x2']['max_rel_param_diff']
   out['checkpoints'] = cross_restore(jit4x2, jit8)

@@ -317,6 +317,34 @@ def test_from_config_rejects_a_bad_option_in_one_line(config_name, changes, mess
   assert str(e.value) == message
 
 
+@pytest.mark.parametrize('fields,model_parallel,message', [
+    ({'groups': 1}, 2, 'model_parallel=2 runs one tower per device, but model.groups=1; set '
+     '--config.model.groups=2 or --config.model_parallel=1.'),
+    ({}, 4, 'model_parallel=4 runs one tower per device, but model.groups=2; set '
+     '--config.model.groups=4 or --config.model_parallel=2.'),
+    ({'variant': 'torchvision', 'lrn': False, 'groups': 1}, 2,
+     "model_parallel=2 runs one tower per device, and model.variant='torchvision' has no towers; "
+     "use the paper variant with --config.model.groups=2, or model_parallel=1."),
+    ({'lrn_scope': 'all'}, 2, "model.lrn_scope='all' normalises across the towers, which "
+     "model_parallel=2 runs on different devices; use model.lrn_scope='tower' (the paper's) or "
+     "model_parallel=1."),
+    ({'width': 0.3}, 2, 'model.width=0.3 gives fc6 1229 units, which do not split over '
+     'model_parallel=2 devices; use a width that gives a multiple of 2.'),
+])
+def test_model_parallel_needs_one_tower_per_device(fields, model_parallel, message):
+  with pytest.raises(ConfigError) as e:
+    models.check_model_parallel(models.AlexNet(num_classes=10, **fields), model_parallel)
+  assert str(e.value) == message
+
+
+def test_model_parallel_allows_the_towers_and_whole_classes():
+  """The paper's two towers, four towers, and fc8 whole on each device when the classes do not
+  split (101 over 2)."""
+  for groups, num_classes in ((2, 1000), (4, 10), (2, 101)):
+    models.check_model_parallel(models.AlexNet(num_classes=num_classes, groups=groups), groups)
+  models.check_model_parallel(models.AlexNet(groups=1, lrn_scope='all'), 1)
+
+
 def test_module_checks_its_options_when_built():
   with pytest.raises(ConfigError, match=r"^model.dtype='float16' is unknown"):
     models.AlexNet(dtype=jnp.float16)

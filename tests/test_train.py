@@ -38,16 +38,25 @@ def single_process():
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_one_device_pmap8_jit8_jit4x2_train_identically(single_process):
+def test_one_device_pmap8_jit8_jit4x2_jit1x2_train_identically(single_process):
+  """Data parallel on 8, the towers on 2 devices (the paper's) and 4 replicas of them on 8: the
+  one-device run's losses and parameters."""
   results = single_process
   one = results['one']['losses']
   no_dropout = results['one_no_dropout']['losses']
   assert no_dropout[-1] < no_dropout[0] - 0.1, no_dropout  # the same batch 5 times: it must fall
-  for name in ('pmap8', 'jit8', 'jit4x2'):
+  for name in ('pmap8', 'jit8', 'jit4x2', 'jit1x2'):
     np.testing.assert_allclose(results[name]['losses'], one, rtol=1e-5)
     assert results[name]['max_rel_param_diff'] <= 1e-5, (name, results[name])
   np.testing.assert_allclose(results['jit4x2']['losses'], results['jit8']['losses'], rtol=1e-5)
   assert results['jit4x2']['vs_jit8'] <= 1e-5
+
+
+def test_four_towers_on_four_devices_train_like_one_device(single_process):
+  """model.groups=4 with model_parallel=4 (2 replicas on 8 devices), fc8 whole on each device."""
+  result = single_process['jit2x4_groups4']
+  np.testing.assert_allclose(result['losses'], result['one_losses'], rtol=1e-5)
+  assert result['max_rel_param_diff'] <= 1e-5, result
 
 
 def test_model_parallel_splits_every_layer_in_half(single_process):
@@ -133,13 +142,16 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path, digits_dir):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '5']
 
 
-@pytest.mark.parametrize('mode', ['pmap', 'jit'])
-def test_two_processes_train_like_one(single_process, mode):
-  """Two processes on localhost (4 CPU devices each, gloo collectives), each feeding its half
-  of the global batch, end with the parameters of the single-process run."""
+@pytest.mark.parametrize('mode,devices,model_parallel', [('pmap', 4, 1), ('jit', 4, 1),
+                                                       ('jit', 2, 2)])
+def test_two_processes_train_like_one(single_process, mode, devices, model_parallel):
+  """Two processes on localhost (`devices` CPU devices each, gloo collectives), each feeding its
+  half of the global batch, end with the parameters of the single-process run; with
+  model_parallel=2 each process holds one replica, its two towers on its two devices."""
   port = str(free_port())
-  env = {**EIGHT_DEVICES, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  procs = [subprocess.Popen([sys.executable, CHECK, '5', mode, str(i), '2', port], env=env,
+  env = {**EIGHT_DEVICES, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  procs = [subprocess.Popen([sys.executable, CHECK, '5', mode, str(i), '2', port,
+                             str(model_parallel)], env=env,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
@@ -148,7 +160,7 @@ def test_two_processes_train_like_one(single_process, mode):
   one = single_process['one']
   for stdout, _ in outs:
     result = json.loads(stdout.strip().splitlines()[-1])
-    assert result['devices'] == 8
+    assert result['devices'] == 2 * devices
     np.testing.assert_allclose(result['losses'], one['losses'], rtol=1e-5)
     np.testing.assert_allclose(result['param_head'], one['param_head'], rtol=1e-5, atol=1e-7)
     assert result['param_sum'] == pytest.approx(one['param_sum'], rel=1e-5)
