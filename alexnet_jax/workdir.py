@@ -275,12 +275,12 @@ class MetricLogger:
 
 class StopSignal:
   """Within `with`, SIGTERM/SIGINT only set `received` (and count them): the loop checkpoints at
-  its next log step, or at once on a second signal."""
+  its next log step, or at once on a second signal (`cluster.Stop` decides when, for every
+  process together)."""
 
   def __init__(self):
     self.received: int | None = None
     self.count = 0
-    self.announced = False  # the loop has said when it will stop
 
   def __enter__(self) -> 'StopSignal':
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -27,6 +28,13 @@ def digits_dir(tmp_path_factory) -> str:
   config.dataset.prepared = True
   input_pipeline.get_builder(config.dataset)
   return data_dir
+
+
+def free_port() -> int:
+  """A TCP port nobody listens on now (the OS picks it), for a test's JAX coordinator."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
 
 
 def pytest_unconfigure(config):
