@@ -33,6 +33,7 @@ Batches = Iterator[dict[str, np.ndarray]]
 # (host batches, the step the first one is for) -> batches: how tests alter the stream.
 BatchHook = Callable[[Batches, int], Batches]
 NONFINITE = ('stop', 'skip')
+PROCESS_READS = ('shard', 'all')  # dataset.process_reads
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -41,6 +42,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   t, parallel = config.train, experiment.parallel_of(config)
   parallel.check_batch_size(t.batch_size)
   parallel.check_batch_size(t.eval_batch_size, 'train.eval_batch_size')
+  if config.dataset.process_reads not in PROCESS_READS:
+    raise ConfigError(f'dataset.process_reads={config.dataset.process_reads!r} is unknown; use '
+                      f'one of {PROCESS_READS}.')
   if t.on_nonfinite not in NONFINITE:
     raise ConfigError(f'train.on_nonfinite={t.on_nonfinite!r} is unknown; use one of {NONFINITE}.')
   if t.profile_steps < 0:
@@ -126,7 +130,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   builder = input_pipeline.get_builder(config.dataset)
   shard = dict(shard=jax.process_index(), num_shards=jax.process_count())
   train_split = input_pipeline.load_split(builder, config.dataset.train_split, config.dataset.cache,
-                                          drop_remainder=True, **shard)
+                                          drop_remainder=True, **shard,
+                                          read_all=config.dataset.process_reads == 'all')
   eval_split = input_pipeline.load_split(builder, config.dataset.eval_split, config.dataset.cache,
                                          **shard)
   if not eval_split.num_examples:

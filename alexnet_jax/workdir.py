@@ -39,7 +39,7 @@ RETIRED = ('train.debug_nan_step',)
 # is read with them filled in, so an older run evaluates, predicts and resumes as it was trained
 # (resuming it with another value is a config change like any other).
 ADDED = {'model.width': 1.0, 'model.init': 'paper', 'model.lrn_scope': 'all',
-         'dataset.eval_resize': 'paper', 'model_parallel': 1}
+         'dataset.eval_resize': 'paper', 'model_parallel': 1, 'dataset.process_reads': 'shard'}
 # Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
 WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
