@@ -347,8 +347,6 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   the launcher still has queued or running (a SLURM sweep re-attaches to them); unfinished or
   failed ones start again and resume from their checkpoints. A signal (Ctrl-C) stops the sweep:
   local trials save a checkpoint and exit; SLURM jobs go on without the controller."""
-  if parallel < 1:
-    raise ConfigError(f'--parallel={parallel}; it must be at least 1.')
   launcher = launcher or launchers.Local(parallel)
   reopened = check_stored_configs(trials, config_path, workdir, base_overrides)
   if reopened:
@@ -361,13 +359,13 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   log(f'{len(trials) - len(watched)} of {len(trials)} trials already finished; running '
       f'{len(todo)}, {parallel} at a time, in {workdir}' +
       (f'; re-attached to {len(watched) - len(todo)} still queued or running' if live else ''))
-  launcher.submit([task(t, config_path, workdir, base_overrides) for t in todo])
   received = []
   previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
               for s in (signal.SIGINT, signal.SIGTERM)}
   reported: set[str] = set()
   statuses: dict[str, launchers.Status] = {}
   try:
+    launcher.submit([task(t, config_path, workdir, base_overrides) for t in todo])
     with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
                    disable=not watched) as bar:
       while True:
@@ -397,12 +395,15 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   done = [r for r in results if r.status == 'done']
   log(f'{len(done)} finished, {len(failed)} failed, {len(results) - len(done) - len(failed)} '
       f'unfinished; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
-  if received or any(s.state == 'stopped' for s in statuses.values()):
+  if received:
     running = sum(s.state in launchers.LIVE for s in statuses.values())
     log('Stopped by a signal; ' + (f'{running} trials go on queued or running on SLURM: run the '
                                    f'same command to re-attach to them and resume the rest.'
                                    if launcher.detached else
                                    'run the same command to resume the unfinished trials.'))
+  elif any(statuses.get(t.name, launchers.Status('done')).state == 'stopped' for t in watched):
+    log('Some trials ended before they finished (a time limit, scancel): run the same command '
+        'to resume them.')
   return results
 
 
