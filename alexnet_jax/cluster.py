@@ -146,16 +146,16 @@ class Stop:
         self.targets[r] = self._gather(r)
 
   def _decide(self, step: int) -> int | None:
-    stops = [(step_ if r == 2 else self.next_log_step(step_), sig, pid)
+    stops = [(step_ if r == 2 else self.next_log_step(step_), r, sig, pid)
              for r, (step_, sig, pid) in self.targets.items()]
     if not stops:
       return None
-    at, sig, pid = min(stops)
+    at, r, sig, pid = min(stops)
     if at < step:
       raise AssertionError(f'the stop agreed for step {at} was read at step {step}')
     if at == step:
       return sig
-    if not self.announced:
+    if r == 1 and not self.announced:
       self.announced = True
       by = f' by process {pid}' if jax.process_count() > 1 else ''
       self.say(f'{signal.Signals(sig).name} received{by}: stopping at step {at} (the next log '

@@ -43,26 +43,6 @@ def finish(procs, timeout):
           for p in procs]
 
 
-def test_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path, digits_dir):
-  procs = start_two(tmp_path, digits_dir, '--config.train.num_train_steps=500')
-  wait_for_step(tmp_path, 2, procs)
-  procs[1].send_signal(signal.SIGTERM)  # process 1 only, as a kill on one host
-  (code0, out0), (code1, out1) = finish(procs, 60)
-  assert code0 == code1 == 0, (out0[-2000:], out1[-2000:])
-  said = [l for l in out0.splitlines() if 'SIGTERM' in l]
-  assert said[0].startswith('SIGTERM received by process 1: stopping at step ') or len(said) == 1
-  stopped = said[-1]
-  assert stopped.startswith('Stopped by SIGTERM at step '), said
-  step = int(stopped.split('at step ')[1].split()[0])
-  assert step % 2 == 0  # a log step: the resumed run logs what an uninterrupted one does
-  assert steps(tmp_path)[-1] == step
-  resumed = finish(start_two(tmp_path, digits_dir, f'--config.train.num_train_steps={step + 2}'),
-                   300)
-  assert [code for code, _ in resumed] == [0, 0], resumed[0][1][-2000:]
-  assert f'Resuming from step {step}' in resumed[0][1]
-  assert steps(tmp_path)[-1] == step + 2
-
-
 def catches_sigterm(pid):
   """Whether the process has a SIGTERM handler: the training loop's, installed as it starts."""
   with open(f'/proc/{pid}/status') as f:
@@ -70,11 +50,23 @@ def catches_sigterm(pid):
   return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
-def test_second_signal_stops_both_at_once(tmp_path, digits_dir):
-  """A first signal to one process: both will stop at the next log step (50); a second one to
-  it: both stop at the first step they can both reach."""
+def test_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path, digits_dir):
+  """A signal to process 1 only stops both at the next log step with a checkpoint. The resumed
+  run then gets two signals at process 1: the first sets the next log step (50), the second
+  stops both at the first step they can both reach."""
+  procs = start_two(tmp_path, digits_dir, '--config.train.num_train_steps=500')
+  wait_for_step(tmp_path, 2, procs)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only, as a kill on one host
+  (code0, out0), (code1, out1) = finish(procs, 60)
+  assert code0 == code1 == 0, (out0[-2000:], out1[-2000:])
+  stopped = [l for l in out0.splitlines() if l.startswith('Stopped by ')]
+  assert len(stopped) == 1 and stopped[0].startswith('Stopped by SIGTERM at step '), out0[-2000:]
+  step = int(stopped[0].split('at step ')[1].split()[0])
+  assert step % 2 == 0  # a log step: the resumed run logs what an uninterrupted one does
+  assert steps(tmp_path)[-1] == step
+
   log = tmp_path / 'process0.txt'
-  procs = start_two(tmp_path / 'run', digits_dir, '--config.train.num_train_steps=500',
+  procs = start_two(tmp_path, digits_dir, '--config.train.num_train_steps=500',
                     '--config.train.log_every_steps=50', '--config.train.checkpoint_every_steps=0',
                     stdout=log)
   deadline = time.time() + 300
@@ -90,11 +82,11 @@ def test_second_signal_stops_both_at_once(tmp_path, digits_dir):
   (code0, _), (code1, out1) = finish(procs, 60)
   out0 = log.read_text()
   assert code0 == code1 == 0, (out0[-2000:], out1[-2000:])
-  assert announced in out0
+  assert f'Resuming from step {step}' in out0 and announced in out0
   stopped = [l for l in out0.splitlines() if l.startswith('Stopped by ')]
-  assert stopped and stopped[0].startswith('Stopped by SIGINT at step '), out0[-2000:]
-  step = int(stopped[0].split('at step ')[1].split()[0])
-  assert step < 50 and steps(tmp_path / 'run') == [step]
+  assert len(stopped) == 1 and stopped[0].startswith('Stopped by SIGINT at step '), out0[-2000:]
+  again = int(stopped[0].split('at step ')[1].split()[0])
+  assert step < again < 50 and steps(tmp_path)[-2:] == [step, again]
 
 
 @pytest.mark.parametrize('env,flags,message', [
@@ -115,13 +107,19 @@ def test_second_signal_stops_both_at_once(tmp_path, digits_dir):
     ({}, ['--distributed', '--heartbeat_timeout=0'],
      'error: --heartbeat_timeout=0 must be a positive number of seconds.'),
 ])
-def test_multi_process_start_mistakes_are_one_line(tmp_path, env, flags, message):
+def test_multi_process_start_mistakes_are_one_line(monkeypatch, env, flags, message):
   """Refused before any wait for other processes (the SLURM variables as a batch script without
   srun sees them; on a real cluster: tests/test_slurm.py)."""
-  clean = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
-  out = subprocess.run([sys.executable, '-m', 'alexnet_jax.main', '--config=configs/default.py',
-                        f'--workdir={tmp_path}', *flags], cwd=REPO, capture_output=True,
-                       text=True, env={**clean, **env}, timeout=120)
-  assert out.returncode == 1
-  assert out.stderr.strip().splitlines() == [message]
-  assert not os.listdir(tmp_path)
+  from alexnet_jax import cluster
+  from alexnet_jax.errors import ConfigError
+  for name in [k for k in os.environ if k.startswith('SLURM_')]:
+    monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  args = dict(coordinator_address=None, num_processes=None, process_id=None, distributed=False)
+  for flag in flags:
+    name, _, value = flag[2:].partition('=')
+    args[name] = True if not value else value if name == 'coordinator_address' else int(value)
+  with pytest.raises(ConfigError) as refused:
+    cluster.start(**args)
+  assert f'error: {refused.value}' == message
