@@ -12,7 +12,8 @@ A `Task` is one command run in its own directory. A launcher
                              checkpoint and exit) and no queued one starts; SLURM jobs go on
     launcher.detached        whether its tasks go on without the controller (SLURM: True)
 
-A task's states: 'queued', 'running', 'done' (its command exited 0), 'failed' (it exited
+A task's states: 'queued', 'running', 'done' (its command exited 0: a sweep's trial finished,
+a search's trial run to a rung paused), 'failed' (it exited
 otherwise; `Status.error` is the line that says why) and 'stopped' (a signal ended it before it
 finished, or its job is gone without a word: it resumes when submitted again). What the task
 wrote is in its directory, which is what `poll` reads once a task is not queued or running:
