@@ -359,7 +359,7 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   log(f'{len(trials) - len(watched)} of {len(trials)} trials already finished; running '
       f'{len(todo)}, {parallel} at a time, in {workdir}' +
       (f'; re-attached to {len(watched) - len(todo)} still queued or running' if live else ''))
-  received = []
+  received, passed_on = [], 0
   previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
               for s in (signal.SIGINT, signal.SIGTERM)}
   reported: set[str] = set()
@@ -369,8 +369,9 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
     with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
                    disable=not watched) as bar:
       while True:
-        if received and not launcher.detached:
-          launcher.stop(received.pop())  # the first one; a later one is passed on again
+        while len(received) > passed_on and not launcher.detached:  # each signal, once
+          launcher.stop(received[passed_on])
+          passed_on += 1
         statuses = launcher.poll()
         counts = {state: 0 for state in launchers.STATES}
         for trial in watched:
@@ -378,9 +379,11 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
           counts[status.state] += 1
           if status.state in ('done', 'failed') and trial.name not in reported:
             reported.add(trial.name)
+            result = collect(trial, workdir)
+            if status.state == 'done':
+              write_hparams(result, workdir)
             bar.update(1)
-            bar.write(_said(trial, status, collect(trial, workdir), workdir, len(reported),
-                            len(watched)))
+            bar.write(_ended_line(trial, status, result, workdir, len(reported), len(watched)))
         bar.set_postfix({state: n for state, n in counts.items() if n})
         live_now = counts['queued'] + counts['running']
         if not live_now or (received and launcher.detached):
@@ -407,11 +410,10 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   return results
 
 
-def _said(trial: Trial, status: launchers.Status, result: Result, workdir: str, i: int,
-          n: int) -> str:
-  """The line for a trial that just finished or failed."""
+def _ended_line(trial: Trial, status: launchers.Status, result: Result, workdir: str, i: int,
+                n: int) -> str:
+  """The line for a trial that just finished or failed (the `i`th of `n`)."""
   if status.state == 'done':
-    write_hparams(result, workdir)
     return (f'[{i}/{n}] {trial.name}: done, best val top-1 error '
             f'{100 * result.best_val_top1_error:.2f}%')
   log = status.log or os.path.join(workdir, trial.name, 'log.txt')

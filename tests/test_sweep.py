@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +166,26 @@ def test_sweep_runs_reports_failures_and_resumes(local_sweep, digits_dir):
       f'those trial directories away to run them anew.']
   assert (workdir / 'results.md').read_text() == report  # nothing run, nothing rewritten
   assert all((workdir / name / 'done').exists() for name in GOOD)
+
+
+def test_ctrl_c_stops_a_local_sweep_with_checkpoints(tmp_path, digits_dir):
+  """The signal goes on to the running trial (it saves a checkpoint at its next log step and
+  exits); no queued trial starts; nothing counts as finished."""
+  controller = subprocess.Popen(
+      sweep_command(tmp_path, digits_dir, '--config.train.num_train_steps=500'), cwd=REPO,
+      env={**os.environ, 'PYTHONPATH': REPO}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  metrics = tmp_path / 'sweep' / GOOD[0] / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+    time.sleep(0.05)
+  controller.send_signal(signal.SIGINT)
+  out, _ = controller.communicate(timeout=120)
+  assert controller.returncode == 1, out[-3000:]
+  assert '0 finished, 0 failed, 4 unfinished;' in out
+  assert 'Stopped by a signal; run the same command to resume the unfinished trials.' in out
+  assert 'Stopped by SIGINT at step ' in (tmp_path / 'sweep' / GOOD[0] / 'log.txt').read_text()
+  assert not any((tmp_path / 'sweep' / name).exists() for name in GOOD[1:] + [BROKEN])
 
 
 def test_finished_trial_reopens_when_its_run_length_changes(tmp_path):
