@@ -260,9 +260,10 @@ def test_slurm_sweep_matches_local_and_reattaches_without_duplicates(slurm, loca
 
   # SLURM's own records: one job per trial, the requeued one restarted, jobs of one trial
   # never queued or running at the same time.
+  names = slurm_records(workdir)  # this sweep's job names (other tests share the cluster)
   jobs = {(f'{j["ArrayJobId"]}_{j["ArrayTaskId"]}' if 'ArrayTaskId' in j else j['JobId']): j
-          for j in slurm.jobs() if j['JobName'].startswith('alexnet_jax-')}
-  submissions = list(slurm_records(workdir).values())
+          for j in slurm.jobs() if j['JobName'] in names}
+  submissions = list(names.values())
   trial_jobs = {}
   for submission in submissions:
     for t, job_id in zip(submission['tasks'], submission['jobs']):
