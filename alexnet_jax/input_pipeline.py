@@ -386,21 +386,24 @@ def _ready(builder: tfds.core.DatasetBuilder,
 
 @dataclasses.dataclass
 class Split:
-  """This process's shard of a split, read once; iterate with `train_batches` / `eval_batches`."""
+  """This process's part of a split, read once; iterate with `train_batches` / `eval_batches`:
+  its shard, or (`read_all`) the whole split, of which it keeps its rows of every batch."""
 
   records: tf.data.Dataset  # {'image': encoded bytes (or a raw uint8 square), 'label': int64}
-  num_examples: int  # in this shard
+  num_examples: int  # in this shard (the whole split with `read_all`)
   num_classes: int
   shard: int = 0  # this process's index among `num_shards` (one shard per process)
   num_shards: int = 1
   largest_shard: int = 0  # examples in the largest shard: every process runs as many eval steps
   class_names: tuple[str, ...] = ()
   stored: str | None = None  # a prepared set's form of its R×R squares (STORED_FORMS); None: full size
+  read_all: bool = False  # every process reads the whole split (dataset.process_reads='all')
 
 
 def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, shard: int = 0,
-               num_shards: int = 1, drop_remainder: bool = False) -> Split:
-  """Shard `shard` of `num_shards` equal parts of `split` (TFDS split slicing, one per process)."""
+               num_shards: int = 1, drop_remainder: bool = False, read_all: bool = False) -> Split:
+  """Shard `shard` of `num_shards` equal parts of `split` (TFDS split slicing, one per process),
+  or with `read_all` the whole split for process `shard` to take its rows of every batch from."""
   if split not in builder.info.splits:
     raise ConfigError(f'split {split!r} is not in {builder.name} (it has '
                       f'{sorted(builder.info.splits)}); set dataset.train_split/eval_split.')
@@ -413,24 +416,26 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str, cache: bool, *, sh
     raise ConfigError(f'{builder.name} is not an image-classification set (its supervised keys '
                       f'are {builder.info.supervised_keys}); choose another dataset.name.')
   parts = (tfds.even_splits(split, n=num_shards, drop_remainder=drop_remainder)
-           if num_shards > 1 else [split])
+           if num_shards > 1 and not read_all else [split])
   sizes = [builder.info.splits[part].num_examples for part in parts]
-  ds = builder.as_dataset(split=parts[shard], shuffle_files=False,  # raw squares need no decoding
+  mine = 0 if read_all else shard
+  ds = builder.as_dataset(split=parts[mine], shuffle_files=False,  # raw squares need no decoding
                           decoders=None if stored == 'raw' else {image_key: tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {'image': ex[image_key], 'label': ex[label_key]})
   if cache:
     ds = ds.cache()
-  return Split(ds, sizes[shard], features[label_key].num_classes, shard, num_shards, max(sizes),
-               tuple(features[label_key].names), stored)
+  return Split(ds, sizes[mine], features[label_key].num_classes, shard, num_shards, max(sizes),
+               tuple(features[label_key].names), stored, read_all)
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:
   """Full batches of this process's `batch_size` rows in the split (the remainder is dropped)."""
-  if split.num_examples < batch_size:
+  rows = batch_size * (split.num_shards if split.read_all else 1)  # read per step
+  if split.num_examples < rows:
     raise ConfigError(f'the training split has {split.num_examples} examples'
-                      f'{" in this process" if split.num_shards > 1 else ""}, fewer than one batch '
-                      f'of {batch_size}; lower --config.train.batch_size.')
-  return split.num_examples // batch_size
+                      f'{" in this process" if split.num_shards > 1 and not split.read_all else ""}'
+                      f', fewer than one batch of {rows}; lower --config.train.batch_size.')
+  return split.num_examples // rows
 
 
 def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
@@ -440,20 +445,34 @@ def train_batches(split: Split, p: Preprocess, batch_size: int, *, seed: int,
 
   Epoch e is the shard shuffled with seed (seed, e), cut into full batches (the remainder is
   dropped); resuming skips the records already consumed before decoding them. `index` is unique
-  over the whole run and all processes; it keys the example's augmentation and dropout.
+  over the whole run and all processes; it keys the example's augmentation and dropout. With
+  `split.read_all` the whole split is shuffled and cut into global batches (`batch_size` rows
+  per process), and this process keeps its rows of each: the batches of one process, whatever
+  the number of processes.
   """
   steps = steps_per_epoch(split, batch_size)
   first_epoch, offset = divmod(start_step, steps)
+  sharing = split.num_shards if split.read_all else 1  # processes taking rows of each batch
+  global_batch = batch_size * sharing
+
+  def mine(i: tf.Tensor) -> tf.Tensor:
+    return (i % global_batch) // batch_size == split.shard
 
   def epoch(e: tf.Tensor) -> tf.data.Dataset:
     # Full batches only, so that no batch spans two epochs; resuming skips records undecoded.
-    skip = tf.where(e == first_epoch, tf.constant(offset * batch_size, tf.int64), 0)
+    skip = tf.where(e == first_epoch, tf.constant(offset * global_batch, tf.int64), 0)
     records = split.records.shuffle(min(shuffle_buffer, split.num_examples),
                                     seed=(seed * 1_000_003 + e) % 2**31,
                                     reshuffle_each_iteration=False)
-    records = records.take(steps * batch_size).skip(skip)
-    first = (e * split.num_shards + split.shard) * split.num_examples  # the epoch's index 0
-    draws = tf.data.Dataset.range(skip, steps * batch_size).batch(batch_size).map(
+    records = records.take(steps * global_batch).skip(skip)
+    positions = tf.data.Dataset.range(skip, steps * global_batch)  # in the epoch
+    if sharing > 1:  # the other processes' rows are dropped undecoded
+      records = tf.data.Dataset.zip(records, positions).filter(lambda _, i: mine(i)).map(
+          lambda record, _: record)
+      positions = positions.filter(mine)
+    # The epoch's index 0 (its positions are global with read_all).
+    first = (e if split.read_all else e * split.num_shards + split.shard) * split.num_examples
+    draws = positions.batch(batch_size).map(
         lambda i: augmentation_draws(first + i[0], tf.size(i), seed, p)).unbatch()
     return tf.data.Dataset.zip(records, draws)
 

@@ -27,15 +27,17 @@ def define_flags() -> None:
   flags.DEFINE_bool(
       'distributed', False, 'jax.distributed.initialize() from the cluster environment (SLURM, '
       'Open MPI, Kubernetes...); not needed with --coordinator_address.')
+  flags.DEFINE_integer('initialization_timeout', 300, 'Multi-host: seconds to wait for every '
+                       'process to join before giving up.')
+  flags.DEFINE_integer('heartbeat_timeout', 100, 'Multi-host: seconds without a heartbeat after '
+                       'which a process counts as dead and the run ends.')
 
 
 def main(args: list[str]) -> None:
   del args  # none: cli.run refuses them
-  if FLAGS.coordinator_address or FLAGS.distributed:
-    import jax
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  from alexnet_jax import train  # imported late so --help stays fast
+  from alexnet_jax import cluster, train  # imported late so --help stays fast
+  cluster.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                FLAGS.distributed, FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

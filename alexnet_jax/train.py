@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from alexnet_jax import checkpoints, experiment, models, optim, steps
+from alexnet_jax import checkpoints, cluster, experiment, models, optim, steps
 from alexnet_jax import workdir as workdir_lib
 from alexnet_jax.errors import ConfigError, TrainingStopped
 from alexnet_jax.parallel import Parallel
@@ -33,6 +33,7 @@ Batches = Iterator[dict[str, np.ndarray]]
 # (host batches, the step the first one is for) -> batches: how tests alter the stream.
 BatchHook = Callable[[Batches, int], Batches]
 NONFINITE = ('stop', 'skip')
+PROCESS_READS = ('shard', 'all')  # dataset.process_reads
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -41,6 +42,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   t, parallel = config.train, experiment.parallel_of(config)
   parallel.check_batch_size(t.batch_size)
   parallel.check_batch_size(t.eval_batch_size, 'train.eval_batch_size')
+  if config.dataset.process_reads not in PROCESS_READS:
+    raise ConfigError(f'dataset.process_reads={config.dataset.process_reads!r} is unknown; use '
+                      f'one of {PROCESS_READS}.')
   if t.on_nonfinite not in NONFINITE:
     raise ConfigError(f'train.on_nonfinite={t.on_nonfinite!r} is unknown; use one of {NONFINITE}.')
   if t.profile_steps < 0:
@@ -110,6 +114,12 @@ class Run:
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
 
+  def next_log_step(self, step: int) -> int:
+    """The first step >= `step` where the loop logs: a log step, an epoch end or the last step
+    (a signal stops the run there, so the resumed run logs what an uninterrupted one does)."""
+    up = lambda every: -(-step // every) * every
+    return min(up(self.config.train.log_every_steps), up(self.steps_per_epoch), self.total_steps)
+
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Every check and read a run needs (config, data, model, `init.checkpoint`); writes nothing."""
@@ -120,7 +130,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   builder = input_pipeline.get_builder(config.dataset)
   shard = dict(shard=jax.process_index(), num_shards=jax.process_count())
   train_split = input_pipeline.load_split(builder, config.dataset.train_split, config.dataset.cache,
-                                          drop_remainder=True, **shard)
+                                          drop_remainder=True, **shard,
+                                          read_all=config.dataset.process_reads == 'all')
   eval_split = input_pipeline.load_split(builder, config.dataset.eval_split, config.dataset.cache,
                                          **shard)
   if not eval_split.num_examples:
@@ -160,12 +171,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       start, last_eval = int(state.step), {}
       batches = loop.start(start, batch_hook, [note] if note else [])
       state = run.experiment.parallel.put_state(state)
-      with workdir_lib.StopSignal() as stop:
+      with workdir_lib.StopSignal() as signals, cluster.Stop(
+          signals, run.next_log_step, loop.say) as stop:
         for step in range(start + 1, run.total_steps + 1):
           state = loop.train_step(step, state, batches)
           epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
           log_now = step % config.train.log_every_steps == 0 or epoch_end
-          stopping = loop.stopping(stop, step, log_now)
+          stopping = stop.at(step)  # every process gets the same answer
           every = config.train.checkpoint_every_steps
           save_now = epoch_end or (every and step % every == 0) or stopping
           if log_now or save_now:
@@ -225,23 +237,6 @@ class Loop:
     self.pending.append(metrics)
     self.bar.update(1)
     return state
-
-  def stopping(self, stop: workdir_lib.StopSignal, step: int, log_now: bool) -> int | None:
-    """The signal to stop on at this step, if any.
-
-    Read once: a signal landing later in this step (during a metrics fetch, an evaluation or a
-    save) is acted on at the next step, never half-way. The run stops where it logs anyway, so
-    the resumed run logs exactly what an uninterrupted one does; a second signal stops it at once.
-    """
-    signals = stop.count
-    stopping = stop.received if signals and (log_now or signals > 1) else None
-    if signals and not stop.announced and not stopping:
-      stop.announced = True
-      every_log, spe = self.run.config.train.log_every_steps, self.run.steps_per_epoch
-      at = min(step - step % every_log + every_log, step - step % spe + spe, self.run.total_steps)
-      self.say(f'{signal.Signals(stop.received).name} received: stopping at step {at} (the next '
-               f'log step) with a checkpoint; signal again to stop at once.')
-    return stopping
 
   def log_train(self, step: int, state: steps.TrainState) -> None:
     """Writes the mean train metrics since the last log line, the throughput and the share of

@@ -4,15 +4,14 @@ A sweep file (`configs/sweeps/*.py`) defines `get_sweep()` returning a list of o
 `{'optimizer.learning_rate': 0.02, 'model.lrn': False}`, usually built with `product` and `zip`.
 Every dict (times every seed) is one trial: `python -m alexnet_jax.main --config=C
 --workdir=DIR/<trial name> --config.k=v ...` in its own process, so trials cannot disturb each
-other and each one resumes from its own checkpoints. A trial is finished when its `done` file
-exists; a failed one gets an `error.txt` holding the error line and is run again (resumed) by the
-next invocation.
+other and each one resumes from its own checkpoints; alexnet_jax/launchers.py starts them (local
+processes, or SLURM job arrays). A trial is finished when its `done` file exists; a failed one
+gets an `error.txt` holding the error line and is run again (resumed) by the next invocation.
 """
 
 from __future__ import annotations
 
 import builtins
-import concurrent.futures
 import csv
 import dataclasses
 import importlib.util
@@ -20,18 +19,16 @@ import itertools
 import math
 import os
 import re
-import shlex
 import signal
-import subprocess
-import sys
-import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
+import tqdm
 
-from alexnet_jax import curves
+from alexnet_jax import curves, launchers
 from alexnet_jax import workdir as workdir_lib
 from alexnet_jax.errors import ConfigError
 
@@ -186,84 +183,19 @@ def check_stored_configs(trials: Sequence[Trial], config_path: str, workdir: str
   return reopened
 
 
-_ERROR_LINE = re.compile(r'^(?:[\w.]*(?:Error|Exception|Exit)\b|FATAL\b|error:)')
-
-
-def error_line(log: str, returncode: int) -> str:
-  """The line of a failed trial's output that says what went wrong."""
-  lines = [l.strip() for l in re.split(r'[\r\n]+', log) if l.strip()]
-  matches = [l for l in lines if _ERROR_LINE.match(l)]
-  line = matches[-1] if matches else (lines[-1] if lines else 'no output')
-  return f'exit code {returncode}: {line}'
-
-
 def _done_path(workdir: str, trial: Trial) -> str:
-  return os.path.join(workdir, trial.name, 'done')
+  return launchers.done_path(os.path.join(workdir, trial.name))
 
 
 def _error_path(workdir: str, trial: Trial) -> str:
-  return os.path.join(workdir, trial.name, 'error.txt')
+  return launchers.error_path(os.path.join(workdir, trial.name))
 
 
-class Stop:
-  """Within `with`, SIGINT/SIGTERM are passed on to the running trials (which checkpoint and exit)
-  and mark the sweep as stopping: no new trial starts and no trial counts as finished."""
-
-  def __init__(self):
-    self.event = threading.Event()
-    self.processes: set[subprocess.Popen] = set()
-    self.lock = threading.Lock()
-
-  def __enter__(self) -> 'Stop':
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    self.event.set()
-    with self.lock:
-      for process in self.processes:
-        process.send_signal(signum)
-
-  def __exit__(self, *exc) -> None:
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-
-
-def run_trial(trial: Trial, config_path: str, workdir: str, base_overrides: Mapping[str, Any],
-              stop: Stop) -> str | None:
-  """Runs (or resumes) one trial to the end; returns None on success, else its error line
-  ('' if the sweep was stopped). The process's output is appended to `workdir/<trial>/log.txt`."""
-  if stop.event.is_set():
-    return ''
-  trial_dir = os.path.join(workdir, trial.name)
-  os.makedirs(trial_dir, exist_ok=True)
-  args = command(trial, config_path, workdir, base_overrides)
-  env = {'TF_CPP_MIN_LOG_LEVEL': '3', **os.environ}
-  log_path = os.path.join(trial_dir, 'log.txt')
-  with open(log_path, 'a') as log:
-    log.write(f'$ {shlex.join(args)}\n')
-    log.flush()
-    with stop.lock:
-      process = subprocess.Popen([sys.executable] + args[1:], stdout=log,
-                                 stderr=subprocess.STDOUT, env=env)
-      stop.processes.add(process)
-    returncode = process.wait()
-    with stop.lock:
-      stop.processes.discard(process)
-  if stop.event.is_set():  # stopped part-way: neither finished nor failed; the next run resumes
-    return ''
-  if returncode == 0:
-    open(_done_path(workdir, trial), 'w').close()
-    if os.path.exists(_error_path(workdir, trial)):
-      os.remove(_error_path(workdir, trial))
-    return None
-  with open(log_path) as f:
-    f.seek(max(0, os.path.getsize(log_path) - 20_000))
-    error = error_line(f.read(), returncode)
-  with open(_error_path(workdir, trial), 'w') as f:
-    f.write(error + '\n')
-  return error
+def task(trial: Trial, config_path: str, workdir: str,
+         base_overrides: Mapping[str, Any] = {}) -> launchers.Task:
+  """The trial as a launcher's task: its `main` command, in its own directory."""
+  return launchers.Task(trial.name, command(trial, config_path, workdir, base_overrides),
+                        os.path.join(workdir, trial.name))
 
 
 @dataclasses.dataclass
@@ -360,13 +292,15 @@ def percent(mean_and_std: tuple[float, float], show_std: bool) -> str:
   return f'{100 * mean:.2f} ± {100 * std:.2f}' if show_std else f'{100 * mean:.2f}'
 
 
-def markdown_table(groups: Sequence[Group]) -> str:
-  """Errors in percent, mean ± sample std over the finished seeds of each group."""
+def markdown_table(groups: Sequence[Group], logs: Mapping[str, str] = {}) -> str:
+  """Errors in percent, mean ± sample std over the finished seeds of each group; a trial not
+  done is noted with its error and (`logs`, by trial name) where its launcher's log is."""
   show_std = any(len(g.results) > 1 for g in groups)
   rows = ['| trial | finished | best val top-1 % | best val top-5 % | final val top-1 % | '
           'final val top-5 % | notes |', '|---|---|---|---|---|---|---|']
   for g in groups:
-    notes = '; '.join(f'{r.trial.name} {r.status}' + (f': {r.error}' if r.error else '')
+    notes = '; '.join(f'{r.trial.name} {r.status}' + (f': {r.error}' if r.error else '') +
+                      (f' (SLURM log: {logs[r.trial.name]})' if r.trial.name in logs else '')
                       for r in g.results if r.status != 'done')
     rows.append(f'| {g.name} | {len(g.done)}/{len(g.results)} | ' +
                 ' | '.join(percent(g.stat(m), show_std) for m in _METRICS) +
@@ -374,15 +308,17 @@ def markdown_table(groups: Sequence[Group]) -> str:
   return '\n'.join(rows) + '\n'
 
 
-def write_report(trials: Sequence[Trial], workdir: str) -> list[Result]:
-  """Writes `workdir/results.csv`, `results.md` and `sweep.png`; returns the trials' results."""
+def write_report(trials: Sequence[Trial], workdir: str,
+                 logs: Mapping[str, str] = {}) -> list[Result]:
+  """Writes `workdir/results.csv`, `results.md` and `sweep.png`; returns the trials' results.
+  `logs`: the SLURM job logs of trials, by name, for results.md's notes."""
   results = [collect(t, workdir) for t in trials]
   write_csv(results, os.path.join(workdir, 'results.csv'))
   groups = group_results(results)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f'# Sweep results: {workdir}\n\nSorted by best validation top-1 error; errors in '
             'percent, mean ± sample standard deviation over seeds.\n\n')
-    f.write(markdown_table(groups))
+    f.write(markdown_table(groups, logs))
   plotted = [r for r in results if r.run is not None]
   fig = curves.plot_val_curves([r.run for r in plotted], [r.trial.name for r in plotted],
                                [r.trial.group for r in plotted])
@@ -403,39 +339,82 @@ def write_hparams(result: Result, workdir: str) -> None:
 
 
 def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel: int = 1,
-              base_overrides: Mapping[str, Any] = {},
-              log: Callable[[str], None] = print) -> list[Result]:
-  """Runs every unfinished trial, `parallel` at a time, then writes the report. Finished trials
-  (a `done` file) are skipped; unfinished or failed ones resume from their checkpoints."""
-  if parallel < 1:
-    raise ConfigError(f'--parallel={parallel}; it must be at least 1.')
+              base_overrides: Mapping[str, Any] = {}, log: Callable[[str], None] = print,
+              launcher: launchers.Launcher | None = None,
+              poll_s: float = 0.5) -> list[Result]:
+  """Runs every unfinished trial with `launcher` (default: local processes, `parallel` at a
+  time), then writes the report. Finished trials (a `done` file) are skipped, and so are trials
+  the launcher still has queued or running (a SLURM sweep re-attaches to them); unfinished or
+  failed ones start again and resume from their checkpoints. A signal (Ctrl-C) stops the sweep:
+  local trials save a checkpoint and exit; SLURM jobs go on without the controller."""
+  launcher = launcher or launchers.Local(parallel)
   reopened = check_stored_configs(trials, config_path, workdir, base_overrides)
   if reopened:
     log(f'{len(reopened)} finished trial{"s" if len(reopened) > 1 else ""} resume with the '
         f'changed run length or logging fields: {", ".join(t.name for t in reopened)}')
   os.makedirs(workdir, exist_ok=True)
-  todo = [t for t in trials if not os.path.exists(_done_path(workdir, t))]
-  log(f'{len(trials) - len(todo)} of {len(trials)} trials already finished; running {len(todo)}, '
-      f'{parallel} at a time, in {workdir}')
-  with Stop() as stop, concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    futures = {pool.submit(run_trial, t, config_path, workdir, base_overrides, stop): t
-               for t in todo}
-    for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-      trial = futures[future]
-      error = future.result()
-      result = collect(trial, workdir)
-      if error is None:
-        write_hparams(result, workdir)
-        log(f'[{i}/{len(todo)}] {trial.name}: done, best val top-1 error '
-            f'{100 * result.best_val_top1_error:.2f}%')
-      elif error:
-        log(f'[{i}/{len(todo)}] {trial.name}: FAILED, {error} '
-            f'(log: {os.path.join(workdir, trial.name, "log.txt")})')
-  results = write_report(trials, workdir)
+  live = {name for name, status in launcher.poll().items() if status.state in launchers.LIVE}
+  todo = [t for t in trials if not os.path.exists(_done_path(workdir, t)) and t.name not in live]
+  watched = [t for t in trials if t.name in live] + todo
+  log(f'{len(trials) - len(watched)} of {len(trials)} trials already finished; running '
+      f'{len(todo)}, {parallel} at a time, in {workdir}' +
+      (f'; re-attached to {len(watched) - len(todo)} still queued or running' if live else ''))
+  received, passed_on = [], 0
+  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  reported: set[str] = set()
+  statuses: dict[str, launchers.Status] = {}
+  try:
+    launcher.submit([task(t, config_path, workdir, base_overrides) for t in todo])
+    with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
+                   disable=not watched) as bar:
+      while True:
+        while len(received) > passed_on and not launcher.detached:  # each signal, once
+          launcher.stop(received[passed_on])
+          passed_on += 1
+        statuses = launcher.poll()
+        counts = {state: 0 for state in launchers.STATES}
+        for trial in watched:
+          status = statuses.get(trial.name, launchers.Status('queued'))
+          counts[status.state] += 1
+          if status.state in ('done', 'failed') and trial.name not in reported:
+            reported.add(trial.name)
+            result = collect(trial, workdir)
+            if status.state == 'done':
+              write_hparams(result, workdir)
+            bar.update(1)
+            bar.write(_ended_line(trial, status, result, workdir, len(reported), len(watched)))
+        bar.set_postfix({state: n for state, n in counts.items() if n})
+        live_now = counts['queued'] + counts['running']
+        if not live_now or (received and launcher.detached):
+          break
+        time.sleep(poll_s)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  logs = {name: s.log for name, s in statuses.items() if s.log and s.state != 'done'}
+  results = write_report(trials, workdir, logs)
   failed = [r for r in results if r.status == 'failed']
   done = [r for r in results if r.status == 'done']
   log(f'{len(done)} finished, {len(failed)} failed, {len(results) - len(done) - len(failed)} '
       f'unfinished; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
-  if stop.event.is_set():
-    log('Stopped by a signal; run the same command to resume the unfinished trials.')
+  if received:
+    running = sum(s.state in launchers.LIVE for s in statuses.values())
+    log('Stopped by a signal; ' + (f'{running} trials go on queued or running on SLURM: run the '
+                                   f'same command to re-attach to them and resume the rest.'
+                                   if launcher.detached else
+                                   'run the same command to resume the unfinished trials.'))
+  elif any(statuses.get(t.name, launchers.Status('done')).state == 'stopped' for t in watched):
+    log('Some trials ended before they finished (a time limit, scancel): run the same command '
+        'to resume them.')
   return results
+
+
+def _ended_line(trial: Trial, status: launchers.Status, result: Result, workdir: str, i: int,
+                n: int) -> str:
+  """The line for a trial that just finished or failed (the `i`th of `n`)."""
+  if status.state == 'done':
+    return (f'[{i}/{n}] {trial.name}: done, best val top-1 error '
+            f'{100 * result.best_val_top1_error:.2f}%')
+  log = status.log or os.path.join(workdir, trial.name, 'log.txt')
+  return f'[{i}/{n}] {trial.name}: FAILED, {status.error} (log: {log})'

@@ -39,7 +39,7 @@ RETIRED = ('train.debug_nan_step',)
 # is read with them filled in, so an older run evaluates, predicts and resumes as it was trained
 # (resuming it with another value is a config change like any other).
 ADDED = {'model.width': 1.0, 'model.init': 'paper', 'model.lrn_scope': 'all',
-         'dataset.eval_resize': 'paper', 'model_parallel': 1}
+         'dataset.eval_resize': 'paper', 'model_parallel': 1, 'dataset.process_reads': 'shard'}
 # Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
 WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
@@ -275,12 +275,12 @@ class MetricLogger:
 
 class StopSignal:
   """Within `with`, SIGTERM/SIGINT only set `received` (and count them): the loop checkpoints at
-  its next log step, or at once on a second signal."""
+  its next log step, or at once on a second signal (`cluster.Stop` decides when, for every
+  process together)."""
 
   def __init__(self):
     self.received: int | None = None
     self.count = 0
-    self.announced = False  # the loop has said when it will stop
 
   def __enter__(self) -> 'StopSignal':
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.std = IMAGENET_STD
   c.dataset.cache = False  # True: keep the encoded records in memory (ImageNet's do not fit)
   c.dataset.shuffle_buffer = 10_000
+  # Multi-host: 'shard' (each process reads its 1/N of the training split; the batches depend on
+  # the number of processes) or 'all' (every process reads the whole split and keeps its rows of
+  # each batch: the batches, and so the losses, of one process on any number of processes, for
+  # N times the reading). One process: the same either way.
+  c.dataset.process_reads = 'shard'
   c.dataset.path = placeholder(str)  # name='folder': DIR holding train/<class>/ and val/<class>/
   c.dataset.train_crop = 'paper'  # 'paper' (random S of the R center square) or 'inception'
   # Evaluation's resize: 'paper' (center S of the R center square) or 'torchvision' (its Resize(R)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -33,6 +34,30 @@ def digits_dir(tmp_path_factory) -> str:
   config.dataset.prepared = True
   input_pipeline.get_builder(config.dataset)
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def slurm(tmp_path_factory):
+  """A one-node SLURM cluster on localhost for the session (tests/slurm_cluster.py), stopped at
+  its end. Without SLURM the test is skipped, or fails where ALEXNET_JAX_REQUIRE_SLURM=1 (CI)."""
+  import slurm_cluster
+  absent = slurm_cluster.missing()
+  if absent:
+    why = (f'SLURM is not installed ({", ".join(absent)} not found; '
+           f'{slurm_cluster.INSTALL})')
+    if os.environ.get('ALEXNET_JAX_REQUIRE_SLURM') == '1':
+      pytest.fail(f'ALEXNET_JAX_REQUIRE_SLURM=1 but {why}')
+    pytest.skip(why)
+  cluster = slurm_cluster.Cluster(str(tmp_path_factory.mktemp('slurm')))
+  yield cluster
+  cluster.stop()
+
+
+def free_port() -> int:
+  """A TCP port nobody listens on now (the OS picks it), for a test's JAX coordinator."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
 
 
 def pytest_unconfigure(config):

@@ -49,6 +49,22 @@ def test_resume_skips_exactly_to_the_step(config, split):
   assert not np.array_equal(full[0]['label'], full[steps_per_epoch]['label'])
 
 
+def test_read_all_gives_every_process_its_rows_of_one_process_batches(config, split):
+  """dataset.process_reads='all': two processes' batches of 8, side by side, are one process's
+  batches of 16, across an epoch end and when resuming."""
+  pre = Preprocess.from_config(config.dataset)
+  builder = ip.get_builder(config.dataset)
+  halves = [ip.load_split(builder, 'train', cache=True, shard=i, num_shards=2, read_all=True)
+            for i in range(2)]
+  assert ip.steps_per_epoch(halves[0], 8) == ip.steps_per_epoch(split, 16) == 1437 // 16
+  start = 1437 // 16 - 1
+  one = itertools.islice(ip.train_batches(split, pre, 16, seed=3, start_step=start), 2)
+  two = zip(*(ip.train_batches(h, pre, 8, seed=3, start_step=start) for h in halves))
+  for a, (b0, b1) in zip(one, two):
+    for key in a:
+      np.testing.assert_array_equal(a[key], np.concatenate([b0[key], b1[key]]))
+
+
 def test_eval_batches_pad_and_mask(config):
   builder = ip.get_builder(config.dataset)
   val = ip.load_split(builder, 'validation', cache=False)

@@ -178,6 +178,25 @@ def test_signal_during_the_metrics_fetch_is_saved_before_it_is_reported(config, 
   assert metrics(tmp_path) == metrics(uninterrupted)
 
 
+def test_second_signal_stops_at_once(config, tmp_path, monkeypatch, capsys):
+  from alexnet_jax import checkpoints, parallel, train
+  config.train.num_train_steps = 6
+  real_get, sent = parallel.Parallel.get, []
+
+  def get_after_two_signals(self, tree):
+    if isinstance(tree, list) and not sent:  # step 2's metrics fetch
+      sent.extend(os.kill(os.getpid(), s) for s in (signal.SIGTERM, signal.SIGINT))
+    return real_get(self, tree)
+
+  monkeypatch.setattr(parallel.Parallel, 'get', get_after_two_signals)
+  train.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'received' not in out  # no "stopping at step 4": the second signal overrides the first
+  assert (f'Stopped by SIGINT at step 3 (epoch 0.03); checkpoint 3 saved in '
+          f'{tmp_path / "checkpoints"}. Run the same command to resume.') in out, out
+  assert checkpoints.all_steps(str(tmp_path)) == [3]
+
+
 def largest_file(directory):
   files = [p for p in directory.rglob('*') if p.is_file()]
   return max(files, key=lambda p: p.stat().st_size)

@@ -2,12 +2,14 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from alexnet_jax import trials
+from alexnet_jax import launchers, trials
 from configs import default
 from conftest import REPO
 
@@ -54,25 +56,28 @@ def test_expand_names_seeds_and_checks():
 def test_error_line_and_spread():
   log = ('I0000 port.cc] floating-point round-off errors\n  File "x.py", line 3\n'
          'ValueError: dataset.image_size=8 is too small\n\r 50%|###  | 1/2\n')
-  assert trials.error_line(log, 1) == 'exit code 1: ValueError: dataset.image_size=8 is too small'
-  assert trials.error_line('FATAL Flags parsing error: bad\nPass --helpshort', 1) == (
+  assert launchers.error_line(log, 1) == 'exit code 1: ValueError: dataset.image_size=8 is too small'
+  assert launchers.error_line('FATAL Flags parsing error: bad\nPass --helpshort', 1) == (
       'exit code 1: FATAL Flags parsing error: bad')
-  assert trials.error_line('Killed\n', -9) == 'exit code -9: Killed'
-  assert trials.error_line('error: model.dtype=1 is not supported\n', 1) == (
+  assert launchers.error_line('Killed\n', -9) == 'exit code -9: Killed'
+  assert launchers.error_line('error: model.dtype=1 is not supported\n', 1) == (
       'exit code 1: error: model.dtype=1 is not supported')
   mean, std = trials.mean_std([0.1, 0.2, 0.6])
   assert mean == pytest.approx(0.3) and std == pytest.approx(0.26457513)  # sample std, ddof 1
   assert trials.mean_std([0.4]) == (0.4, 0.0)
 
 
-def sweep_cli(tmp_path, data_dir, *args):
+def sweep_command(tmp_path, data_dir, *args):
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(SWEEP_FILE)
-  return subprocess.run(
-      [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
-       f'--sweep={sweep_file}', f'--workdir={tmp_path / "sweep"}',
-       f'--config.dataset.data_dir={data_dir}', *TINY, *args],
-      cwd=REPO, capture_output=True, text=True)
+  return [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
+          f'--sweep={sweep_file}', f'--workdir={tmp_path / "sweep"}',
+          f'--config.dataset.data_dir={data_dir}', *TINY, *args]
+
+
+def sweep_cli(tmp_path, data_dir, *args, env=os.environ):
+  return subprocess.run(sweep_command(tmp_path, data_dir, *args), cwd=REPO, capture_output=True,
+                        text=True, env=dict(env))
 
 
 def eval_steps(trial_dir):
@@ -98,8 +103,17 @@ def test_dry_run_lists_the_commands(tmp_path, digits_dir):
   assert not workdir.exists()
 
 
-def test_sweep_runs_reports_failures_and_resumes(tmp_path, digits_dir):
+@pytest.fixture(scope='module')
+def local_sweep(tmp_path_factory, digits_dir):
+  """The tiny sweep run locally, 2 trials at a time: (its output, its directory, its
+  results.csv as first written)."""
+  tmp_path = tmp_path_factory.mktemp('local_sweep')
   out = sweep_cli(tmp_path, digits_dir, '--parallel=2', '--config.train.num_train_steps=2')
+  return out, tmp_path, (tmp_path / 'sweep' / 'results.csv').read_text()
+
+
+def test_sweep_runs_reports_failures_and_resumes(local_sweep, digits_dir):
+  out, tmp_path, _ = local_sweep
   assert out.returncode == 1, out.stderr[-3000:]  # a trial failed; the others finished
   workdir = tmp_path / 'sweep'
   with open(workdir / 'results.csv') as f:
@@ -154,6 +168,26 @@ def test_sweep_runs_reports_failures_and_resumes(tmp_path, digits_dir):
   assert all((workdir / name / 'done').exists() for name in GOOD)
 
 
+def test_ctrl_c_stops_a_local_sweep_with_checkpoints(tmp_path, digits_dir):
+  """The signal goes on to the running trial (it saves a checkpoint at its next log step and
+  exits); no queued trial starts; nothing counts as finished."""
+  controller = subprocess.Popen(
+      sweep_command(tmp_path, digits_dir, '--config.train.num_train_steps=500'), cwd=REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  metrics = tmp_path / 'sweep' / GOOD[0] / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+    time.sleep(0.05)
+  controller.send_signal(signal.SIGINT)
+  out, _ = controller.communicate(timeout=120)
+  assert controller.returncode == 1, out[-3000:]
+  assert '0 finished, 0 failed, 4 unfinished;' in out
+  assert 'Stopped by a signal; run the same command to resume the unfinished trials.' in out
+  assert 'Stopped by SIGINT at step ' in (tmp_path / 'sweep' / GOOD[0] / 'log.txt').read_text()
+  assert not any((tmp_path / 'sweep' / name).exists() for name in GOOD[1:] + [BROKEN])
+
+
 def test_finished_trial_reopens_when_its_run_length_changes(tmp_path):
   """A resumable field (run length, logging) changed: a finished trial loses its `done` mark and
   resumes; any other field changed: the sweep refuses (the CLI's refusal: the test above)."""
@@ -173,3 +207,99 @@ def test_finished_trial_reopens_when_its_run_length_changes(tmp_path):
   with pytest.raises(ValueError, match=r'optimizer.momentum: 0.9 -> 0.5'):
     trials.check_stored_configs([trial], config_path, str(tmp_path),
                                 {'train.num_train_steps': 3, 'optimizer.momentum': 0.5})
+
+
+def slurm_records(workdir):
+  """The launcher's records, merged per submission: {job name: {'tasks': [...], 'jobs': [...]}}."""
+  merged = {}
+  for line in (workdir / 'slurm' / 'jobs.jsonl').read_text().splitlines():
+    entry = json.loads(line)
+    merged.setdefault(entry['name'], {}).update(entry)
+  return merged
+
+
+def test_slurm_sweep_matches_local_and_reattaches_without_duplicates(slurm, local_sweep,
+                                                                      digits_dir, tmp_path):
+  """The local sweep's trials as one job array on the cluster, 2 at a time. The controller is
+  killed mid-sweep and one running trial's job requeued; the same command re-attaches, submits
+  nothing, and writes the local sweep's results.csv. SLURM's own records show one job per trial."""
+  args = ('--launcher=slurm', '--parallel=2', '--config.train.num_train_steps=2',
+          '--slurm_cpus=1', '--slurm_mem_gb=0.5', '--slurm_time=30')
+  env = slurm.env
+  workdir = tmp_path / 'sweep'
+  controller = subprocess.Popen(sweep_command(tmp_path, digits_dir, *args), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  started = []
+  while not started and time.time() < deadline:
+    started = [name for name in GOOD if (workdir / name / 'metrics.jsonl').exists() and
+               (workdir / name / 'metrics.jsonl').stat().st_size]  # in its loop: step 1 logged
+    time.sleep(0.05)
+  controller.kill()  # Ctrl-C, logout, a lost connection: the jobs go on
+  controller.wait()
+  [submission] = slurm_records(workdir).values()
+  job = submission['jobs'][[t['name'] for t in submission['tasks']].index(started[0])]
+  slurm.run('scontrol', 'requeue', job)  # a preemption: SIGTERM, then the job queues again
+  while 'BeginTime' not in slurm.run('squeue', '-h', '-j', job, '-o', '%r') and (
+      time.time() < deadline):
+    time.sleep(0.1)
+  slurm.run('scontrol', 'update', f'jobid={job}', 'StartTime=now')  # not after SLURM's 2 min
+
+  out = sweep_cli(tmp_path, digits_dir, *args, env=slurm.env)
+  assert out.returncode == 1, out.stderr[-3000:]  # the broken trial failed, the rest finished
+  assert (workdir / 'results.csv').read_text() == local_sweep[2]
+  assert 'Resuming from step 2' in (workdir / started[0] / 'log.txt').read_text()
+  said = next(l for l in out.stdout.splitlines() if 'trials already finished' in l)
+  # Only the broken trial may run again: if it failed while no controller watched (a failed
+  # trial runs again, as with --launcher=local).
+  assert said.endswith(('running 0, 2 at a time, in {workdir}; re-attached to {n} still queued '
+                        'or running').format(workdir=workdir, n=4 - int(said[0])) if
+                       'running 0' in said else
+                       (f'running 1, 2 at a time, in {workdir}; re-attached to '
+                        f'{3 - int(said[0])} still queued or running')), said
+
+  # SLURM's own records: one job per trial, the requeued one restarted, jobs of one trial
+  # never queued or running at the same time.
+  names = slurm_records(workdir)  # this sweep's job names (other tests share the cluster)
+  jobs = {(f'{j["ArrayJobId"]}_{j["ArrayTaskId"]}' if 'ArrayTaskId' in j else j['JobId']): j
+          for j in slurm.jobs() if j['JobName'] in names}
+  submissions = list(names.values())
+  trial_jobs = {}
+  for submission in submissions:
+    for t, job_id in zip(submission['tasks'], submission['jobs']):
+      trial_jobs.setdefault(t['name'], []).append(jobs[job_id])
+  assert len(jobs) == sum(map(len, trial_jobs.values()))
+  assert {name: len(js) for name, js in trial_jobs.items() if name != BROKEN} == {
+      name: 1 for name in GOOD}
+  for js in trial_jobs.values():
+    for earlier, later in zip(js, js[1:]):
+      assert earlier['EndTime'] <= later['SubmitTime'], (earlier, later)
+  assert len(trial_jobs[BROKEN]) == len(submissions) <= 2
+  assert jobs[job]['Restarts'] == '1' and jobs[job]['JobState'] == 'COMPLETED'
+  assert jobs[job]['ArrayTaskThrottle'] == '2'  # --parallel
+  notes = (workdir / 'results.md').read_text().splitlines()[-1]
+  log = notes.split('(SLURM log: ')[1].split(')')[0]
+  assert f"{BROKEN} failed: exit code 1: error: flag --config.optimizer.momentum=fast" in notes
+  assert os.path.dirname(log) == str(workdir / 'slurm') and os.path.exists(log)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--slurm_partition=nope'], "sbatch refused the trials' job array (sbatch: error: "
+     'invalid partition specified: nope); fix --slurm_partition or the other --slurm_* flags.'),
+    (['--slurm_mem_gb=100'], "sbatch refused the trials' job array (sbatch: error: "),
+])
+def test_slurm_refusals_are_one_line(slurm, tmp_path, digits_dir, args, message):
+  out = sweep_cli(tmp_path, digits_dir, '--launcher=slurm', *args, env=slurm.env)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(f'error: {message}'), out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
+
+
+def test_slurm_launcher_without_slurm_is_one_line(tmp_path, digits_dir):
+  out = sweep_cli(tmp_path, digits_dir, '--launcher=slurm',
+                  env={**os.environ, 'PATH': os.path.dirname(sys.executable)})
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+      'error: --launcher=slurm needs SLURM (sbatch, squeue, srun not found on PATH); run the '
+      'sweep on a SLURM login node, or use --launcher=local.']
+  assert not (tmp_path / 'sweep').exists()

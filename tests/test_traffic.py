@@ -7,11 +7,8 @@ import sys
 from alexnet_jax import traffic
 from conftest import REPO
 
-ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([REPO, os.path.join(REPO, 'tests')])}
-
-
 def devices_env(n):
-  return {**ENV, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}'}
 
 
 # Lines of compiled HLO as XLA writes them (explicit and iota replica groups, async pairs, tuples).

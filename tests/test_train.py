@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,8 @@ import pytest
 from alexnet_jax import train
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.parallel import Parallel
-from conftest import REPO
+from conftest import REPO, free_port
 
-
-def free_port() -> int:
-  """A TCP port nobody listens on now (the OS picks it), for a test's JAX coordinator."""
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    return sock.getsockname()[1]
 
 EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
