@@ -6,6 +6,10 @@ command again skips finished trials and resumes the others. `--config.x=y` overr
 trial. Writes `DIR/results.csv`, `DIR/results.md` and `DIR/sweep.png`; `--dry_run` prints the
 trial commands instead, one a line (for a cluster job array). Exits with status 1 unless every trial
 finished.
+
+`--search=random|tpe --trials=N [--search_seed=S]` draws N trials from the sweep file's search
+space, `--early_stop=asha [--min_epochs=R] [--reduction_factor=3]` pauses them at ASHA's rungs and
+promotes the best (alexnet_jax/search.py); `--dry_run` then prints the first wave's commands.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from alexnet_jax import cli, trials
+from alexnet_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +34,14 @@ def define_flags() -> None:
   flags.DEFINE_integer('seeds', 1, 'Seeds per trial; > 1 adds seed=0..K-1 (from the '
                        "config's seed) to every trial and averages over them.")
   flags.DEFINE_boolean('dry_run', False, 'Print the trial commands, one a line; run none.')
+  flags.DEFINE_string('search', 'grid', 'grid: every trial of the sweep file; random or tpe: '
+                      '--trials draws from its search space (Optuna, seeded by --search_seed).')
+  flags.DEFINE_integer('trials', 0, 'Trials a search draws (0 with --search=grid: all).')
+  flags.DEFINE_integer('search_seed', 0, 'Seed of the draws: the same seed draws the same configs.')
+  flags.DEFINE_string('early_stop', 'none', 'asha: pause trials at rungs of --min_epochs times '
+                      'powers of --reduction_factor and promote the best of each rung.')
+  flags.DEFINE_integer('min_epochs', 1, 'ASHA: the first rung, in epochs.')
+  flags.DEFINE_integer('reduction_factor', 3, 'ASHA: η; the best 1/η of a rung go on.')
   flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
 
 
@@ -36,6 +49,20 @@ def main(args: list[str]) -> None:
   del args  # none: cli.run refuses them
   config_path = config_flags.get_config_filename(FLAGS['config'])
   base_overrides = config_flags.get_override_values(FLAGS['config'])
+  if FLAGS.search != 'grid' or FLAGS.early_stop != 'none':
+    if FLAGS.seeds != 1:
+      raise ConfigError(f'--seeds={FLAGS.seeds} does not combine with a search; put seed in the '
+                        f'search space (e.g. choice(0, 1, 2)) instead.')
+    from alexnet_jax import search  # Optuna: imported only for searches
+    settings = search.Settings(FLAGS.search, FLAGS.trials, FLAGS.search_seed, FLAGS.early_stop,
+                               FLAGS.min_epochs, FLAGS.reduction_factor, FLAGS.parallel)
+    if not search.run(FLAGS.config, config_path, base_overrides, FLAGS.sweep, FLAGS.workdir,
+                      settings, FLAGS.dry_run):
+      raise SystemExit(1)
+    return
+  if FLAGS.trials:
+    raise ConfigError(f'--trials={FLAGS.trials} needs --search=random or tpe (or --early_stop='
+                      f'asha); a grid sweep runs all its trials.')
   trial_list = trials.expand(trials.load_sweep(FLAGS.sweep), FLAGS.seeds, FLAGS.config.seed)
   trials.check_keys(FLAGS.config, trial_list)
   if FLAGS.dry_run:
@@ -50,4 +77,5 @@ def main(args: list[str]) -> None:
 
 if __name__ == '__main__':
   cli.run(main, define_flags, 'python -m alexnet_jax.sweep --config=FILE --sweep=FILE '
-          '--workdir=DIR [--parallel=N] [--seeds=K] [--dry_run]')
+          '--workdir=DIR [--parallel=N] [--seeds=K] [--dry_run] [--search=grid|random|tpe '
+          '--trials=N --search_seed=S] [--early_stop=asha --min_epochs=R --reduction_factor=3]')

@@ -45,6 +45,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.on_nonfinite={t.on_nonfinite!r} is unknown; use one of {NONFINITE}.')
   if t.profile_steps < 0:
     raise ConfigError(f'train.profile_steps={t.profile_steps} must be 0 (off) or a number of steps.')
+  if t.pause_at_epoch < 0:
+    raise ConfigError(f'train.pause_at_epoch={t.pause_at_epoch} must be 0 (off) or an epoch.')
   if t.log_every_steps <= 0:
     raise ConfigError(f'train.log_every_steps={t.log_every_steps} must be positive.')
   if t.checkpoint_every_steps < 0 or t.checkpoint_every_steps % t.log_every_steps:
@@ -107,6 +109,13 @@ class Run:
     cap = self.config.train.num_train_steps
     return min(total, cap) if cap > 0 else total
 
+  @property
+  def last_step(self) -> int:
+    """Where this start ends: the run's end, or the end of epoch `train.pause_at_epoch` if that
+    comes first (the run is paused there; nothing else depends on it)."""
+    pause = self.config.train.pause_at_epoch * self.steps_per_epoch
+    return min(self.total_steps, pause) if pause > 0 else self.total_steps
+
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
 
@@ -161,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batches = loop.start(start, batch_hook, [note] if note else [])
       state = run.experiment.parallel.put_state(state)
       with workdir_lib.StopSignal() as stop:
-        for step in range(start + 1, run.total_steps + 1):
+        for step in range(start + 1, run.last_step + 1):
           state = loop.train_step(step, state, batches)
           epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
           log_now = step % config.train.log_every_steps == 0 or epoch_end
@@ -180,6 +189,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f'{run.epoch(step):.2f}); checkpoint {step} saved in {manager.directory}. '
                      f'Run the same command to resume.')
             break
+        else:
+          if run.last_step < run.total_steps:
+            loop.say(f'Paused at epoch {config.train.pause_at_epoch} (train.pause_at_epoch, step '
+                     f'{max(start, run.last_step)}) with its checkpoint; run again with a later '
+                     f'pause epoch, or 0, to continue.')
   return last_eval
 
 

@@ -62,8 +62,9 @@ def zip(axes: Mapping[str, Sequence[Any]]) -> list[Overrides]:  # pylint: disabl
   return [dict(builtins.zip(axes, values)) for values in builtins.zip(*axes.values())]
 
 
-def load_sweep(path: str) -> list[Overrides]:
-  """Calls `get_sweep()` of the Python file at `path`."""
+def sweep_file_value(path: str) -> Any:
+  """What `get_sweep()` of the Python file at `path` returns (a list of override dicts, or a
+  search space: alexnet_jax/search.py)."""
   spec = importlib.util.spec_from_file_location('sweep_file', path)
   if spec is None or not os.path.isfile(path):
     raise ConfigError(f'--sweep={path} is not a file; pass a configs/sweeps/*.py file.')
@@ -78,6 +79,15 @@ def load_sweep(path: str) -> list[Overrides]:
                       f'file.') from None
   if sweep is None:
     raise ConfigError(f'{path} defines no get_sweep(); it must return a list of override dicts.')
+  return sweep
+
+
+def load_sweep(path: str) -> list[Overrides]:
+  """The list of override dicts that `get_sweep()` of the Python file at `path` returns."""
+  sweep = sweep_file_value(path)
+  if isinstance(sweep, dict):
+    raise ConfigError(f'get_sweep() of {path} returned a search space (a dict); run it with '
+                      f'--search=random or --search=tpe, or return a list of override dicts.')
   if not isinstance(sweep, (list, tuple)) or not all(isinstance(o, dict) for o in sweep):
     raise ConfigError(f'get_sweep() of {path} returned {str(sweep)[:80]}; it must return a list '
                       f'of override dicts.')
@@ -122,16 +132,23 @@ def expand(sweep: Sequence[Overrides], seeds: int = 1, first_seed: int = 0) -> l
   return trials
 
 
+def has_field(config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether `key` (a dotted path such as model.lrn) names a field of `config`."""
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
 def check_keys(config: ml_collections.ConfigDict, trials: Sequence[Trial]) -> None:
   """Raises on an override of a field the config does not have (a typo in the sweep file)."""
   for trial in trials:
     for key in trial.overrides:
-      node = config
-      for part in key.split('.'):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-          raise ConfigError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
-                           'file (fields are dotted paths such as model.lrn).')
-        node = node[part]
+      if not has_field(config, key):
+        raise ConfigError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
+                          'file (fields are dotted paths such as model.lrn).')
 
 
 def _override_args(trial: Trial, base_overrides: Mapping[str, Any]) -> list[str]:
@@ -230,40 +247,58 @@ class Stop:
       signal.signal(s, handler)
 
 
-def run_trial(trial: Trial, config_path: str, workdir: str, base_overrides: Mapping[str, Any],
-              stop: Stop) -> str | None:
-  """Runs (or resumes) one trial to the end; returns None on success, else its error line
-  ('' if the sweep was stopped). The process's output is appended to `workdir/<trial>/log.txt`."""
+def run_command(args: Sequence[str], trial_dir: str, stop: Stop) -> int | None:
+  """Runs a trial's `python -m ...` command line in a process, its output appended to
+  `trial_dir/log.txt`, and waits for it; returns its exit code, or None if the sweep was stopped
+  (before it started or while it ran: neither finished nor failed; the next run resumes it)."""
   if stop.event.is_set():
-    return ''
-  trial_dir = os.path.join(workdir, trial.name)
+    return None
   os.makedirs(trial_dir, exist_ok=True)
-  args = command(trial, config_path, workdir, base_overrides)
   env = {'TF_CPP_MIN_LOG_LEVEL': '3', **os.environ}
-  log_path = os.path.join(trial_dir, 'log.txt')
-  with open(log_path, 'a') as log:
+  with open(os.path.join(trial_dir, 'log.txt'), 'a') as log:
     log.write(f'$ {shlex.join(args)}\n')
     log.flush()
     with stop.lock:
-      process = subprocess.Popen([sys.executable] + args[1:], stdout=log,
+      process = subprocess.Popen([sys.executable] + list(args[1:]), stdout=log,
                                  stderr=subprocess.STDOUT, env=env)
       stop.processes.add(process)
     returncode = process.wait()
     with stop.lock:
       stop.processes.discard(process)
-  if stop.event.is_set():  # stopped part-way: neither finished nor failed; the next run resumes
-    return ''
-  if returncode == 0:
-    open(_done_path(workdir, trial), 'w').close()
-    if os.path.exists(_error_path(workdir, trial)):
-      os.remove(_error_path(workdir, trial))
-    return None
+  return None if stop.event.is_set() else returncode
+
+
+def record_error(trial_dir: str, returncode: int) -> str:
+  """Writes the error line of a failed trial (from the end of its log.txt) to its error.txt and
+  returns it."""
+  log_path = os.path.join(trial_dir, 'log.txt')
   with open(log_path) as f:
     f.seek(max(0, os.path.getsize(log_path) - 20_000))
     error = error_line(f.read(), returncode)
-  with open(_error_path(workdir, trial), 'w') as f:
+  with open(os.path.join(trial_dir, 'error.txt'), 'w') as f:
     f.write(error + '\n')
   return error
+
+
+def mark_done(trial_dir: str) -> None:
+  """The trial finished: its `done` file, and no error.txt of an earlier failure."""
+  open(os.path.join(trial_dir, 'done'), 'w').close()
+  if os.path.exists(os.path.join(trial_dir, 'error.txt')):
+    os.remove(os.path.join(trial_dir, 'error.txt'))
+
+
+def run_trial(trial: Trial, config_path: str, workdir: str, base_overrides: Mapping[str, Any],
+              stop: Stop) -> str | None:
+  """Runs (or resumes) one trial to the end; returns None on success, else its error line
+  ('' if the sweep was stopped). The process's output is appended to `workdir/<trial>/log.txt`."""
+  trial_dir = os.path.join(workdir, trial.name)
+  returncode = run_command(command(trial, config_path, workdir, base_overrides), trial_dir, stop)
+  if returncode is None:
+    return ''
+  if returncode == 0:
+    mark_done(trial_dir)
+    return None
+  return record_error(trial_dir, returncode)
 
 
 @dataclasses.dataclass
