@@ -31,6 +31,7 @@ import os
 import queue
 import shlex
 import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -152,7 +153,7 @@ class Settings:
   def fixed(self, rung_epochs: Sequence[int], space: Space) -> dict[str, Any]:
     """What a rerun must match: the search, its rungs and its space."""
     return {'search': self.search, 'search_seed': self.seed, 'early_stop': self.early_stop,
-            'rungs': list(rung_epochs), 'eta': self.eta,
+            'rungs': list(rung_epochs), 'eta': self.eta if self.early_stop == 'asha' else None,
             'space': {k: optuna.distributions.distribution_to_json(v)
                       for k, v in space.distributions.items()},
             'overrides': repr(space.points if space.points is not None else space.template)}
@@ -317,6 +318,11 @@ class Search:
     trial = self.study.ask(self.space.distributions)
     return _trial(trial.number, self.space.overrides(trial.params))
 
+  def report(self) -> search_report.Report:
+    return search_report.Report([_result(self, r) for r in self.records()], self.rungs,
+                                self.settings.search, self.settings.early_stop,
+                                self.settings.eta, self.budget)
+
   def first_wave(self) -> list[list[str]]:
     """The commands of the trials a fresh search starts first (--dry_run)."""
     wave = []
@@ -363,42 +369,60 @@ class Search:
     return None
 
 
+def journal(workdir: str) -> optuna.storages.JournalStorage:
+  """The search's Optuna storage: `workdir/search_journal.log`."""
+  return optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(os.path.join(workdir, JOURNAL)))
+
+
+def open_search(config: ml_collections.ConfigDict, config_path: str,
+                base_overrides: Mapping[str, Any], sweep_path: str, workdir: str,
+                settings: Settings, storage: optuna.storages.BaseStorage | None = None) -> Search:
+  """The search of these flags, every check done (storage None: in memory, for a dry run)."""
+  rung_epochs = check_settings(settings, config.train.num_epochs, config)
+  space = make_space(trials.sweep_file_value(sweep_path), settings.search, sweep_path)
+  check_space(config, space, sweep_path)
+  return Search(space, settings, rung_epochs, config_path, workdir, base_overrides, storage)
+
+
 def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Mapping[str, Any],
         sweep_path: str, workdir: str, settings: Settings, dry_run: bool = False,
         log: Callable[[str], None] = print) -> bool:
   """Runs (or continues) the search in `workdir`, then writes its report; with `dry_run` prints
-  the first wave's commands instead. Returns whether it ended with no trial failed or left
-  unfinished."""
-  rung_epochs = check_settings(settings, config.train.num_epochs, config)
-  space = make_space(trials.sweep_file_value(sweep_path), settings.search, sweep_path)
-  check_space(config, space, sweep_path)
+  the first wave's commands instead. What it says also goes, time-stamped, to
+  `workdir/search_log.txt`. Returns whether it ended with no trial failed or unfinished."""
   if dry_run:
-    for args in Search(space, settings, rung_epochs, config_path, workdir,
-                       base_overrides).first_wave():
+    for args in open_search(config, config_path, base_overrides, sweep_path, workdir,
+                            settings).first_wave():
       print(shlex.join(args))
     return True
+  open_search(config, config_path, base_overrides, sweep_path, workdir, settings)  # the checks
   workdir_lib.check_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
+
+  def say(line: str) -> None:
+    log(line)
+    with open(os.path.join(workdir, 'search_log.txt'), 'a') as f:
+      f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {line}\n')
+
   with workdir_lib.Lock(workdir) as lock:  # one controller per search directory
     if lock.acquire():
-      log(f'A search controller in {workdir} ended without releasing it; continuing its search.')
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(os.path.join(workdir, JOURNAL)))
-    search = Search(space, settings, rung_epochs, config_path, workdir, base_overrides, storage)
+      say(f'A search controller in {workdir} ended without releasing it; continuing its search.')
+    search = open_search(config, config_path, base_overrides, sweep_path, workdir, settings,
+                         journal(workdir))
+    rung_epochs = search.rungs
     records = search.records()
     trials.check_stored_configs([r.trial for r in records], config_path, workdir, base_overrides)
-    log(f'{settings.search} search in {workdir}: {len(records)} of {search.budget} trials drawn; '
+    say(f'{settings.search} search in {workdir}: {len(records)} of {search.budget} trials drawn; '
         f'rungs at epochs {", ".join(map(str, rung_epochs))}; {settings.parallel} at a time')
     with trials.Stop() as stop:
-      stopped = control(search, LocalLauncher(stop), stop, settings.parallel, log)
-  results = search_report.write(search_report.Report(
-      [_result(search, r) for r in search.records()], search.rungs, settings.search,
-      settings.early_stop, settings.eta, search.budget), workdir)
+      stopped = control(search, LocalLauncher(stop), stop, settings.parallel, say)
+  results = search_report.write(search.report(), workdir)
   counts = {s: sum(r.status == s for r in results) for s in search_report.STATUSES}
-  log(', '.join(f'{n} {s}' for s, n in counts.items() if n) + f'; wrote '
+  say(', '.join(f'{n} {s}' for s, n in counts.items() if n) + f'; wrote '
       f'{os.path.join(workdir, "results.md")}, results.csv, search.png')
   if stopped:
-    log('Stopped by a signal; run the same command to continue the search.')
+    say('Stopped by a signal; run the same command to continue the search.')
   return not stopped and not counts['failed'] and counts['done'] + counts['paused'] == len(results)
 
 

@@ -120,10 +120,10 @@ def write_csv(report: Report, path: str) -> None:
                        fmt(r.top5[r.epochs] if r.top5 else math.nan), r.error])
 
 
-def plot(report: Report):
-  """Each trial's validation top-1 error against epochs; an open circle where it paused and went
-  on later, a cross where it paused for good; dotted lines at the rungs."""
-  fig, ax = curves.plt.subplots(figsize=(9, 5.5))
+def plot(report: Report, ax: Any) -> None:
+  """Draws each trial's validation top-1 error against epochs into `ax` (matplotlib axes); an
+  open circle where it paused and went on later, a cross where it paused for good; dotted lines
+  at the rungs."""
   for e in report.rungs:
     ax.axvline(e, color='0.8', linestyle=':', zorder=0)
   for i, r in enumerate(sorted(report.results, key=lambda r: r.name)):
@@ -143,10 +143,8 @@ def plot(report: Report):
   ax.set_yscale('log')
   ax.grid(alpha=0.3, which='both')
   ax.set_title('○ paused, then promoted   × paused (or failed) there for good', fontsize='small')
-  if len(report.results) <= 20:
+  if any(r.errors for r in report.results) and len(report.results) <= 20:
     ax.legend(fontsize='x-small')
-  fig.tight_layout()
-  return fig
 
 
 def write(report: Report, workdir: str) -> list[Result]:
@@ -154,5 +152,8 @@ def write(report: Report, workdir: str) -> list[Result]:
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(markdown(report, workdir))
   write_csv(report, os.path.join(workdir, 'results.csv'))
-  curves.save(plot(report), os.path.join(workdir, 'search.png'))
+  fig, ax = curves.plt.subplots(figsize=(9, 5.5))
+  plot(report, ax)
+  fig.tight_layout()
+  curves.save(fig, os.path.join(workdir, 'search.png'))
   return report.results
