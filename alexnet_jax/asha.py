@@ -54,7 +54,3 @@ def promotion(trials: Mapping[int, Progress], rung_epochs: Sequence[int], eta: i
         return n, rung_epochs[i + 1]
   return None
 
-
-def rung_reached(epochs: int, rung_epochs: Sequence[int]) -> int:
-  """How many rungs a trial that trained `epochs` epochs has reached (0: none yet)."""
-  return sum(epochs >= e for e in rung_epochs)

@@ -193,6 +193,7 @@ class Record:
   target: int  # the epoch it may train to: its rung
   errors: dict[int, float]  # validation top-1 error after each epoch it trained
   top5: dict[int, float]
+  step: int  # the last step it logged
 
   @property
   def reached(self) -> int:
@@ -278,14 +279,16 @@ class Search:
       if frozen.state == optuna.trial.TrialState.WAITING:
         continue  # drawn but not asked (a run killed between the two): the next ask takes it
       trial = _trial(frozen.number, self.space.overrides(frozen.params))
-      errors, top5 = {}, {}
+      errors, top5, step = {}, {}, 0
       trial_dir = os.path.join(self.workdir, trial.name)
       if os.path.exists(os.path.join(trial_dir, 'metrics.jsonl')):
-        for line in curves.read_run(trial_dir).evals:
+        run = curves.read_run(trial_dir)
+        for line in run.evals:
           errors[round(line['epoch'])] = line['val_top1_error']
           top5[round(line['epoch'])] = line['val_top5_error']
+        step = max([l['step'] for l in run.train + run.evals], default=0)
       out.append(Record(trial, frozen, frozen.user_attrs.get('epochs', self.rungs[0]), errors,
-                        top5))
+                        top5, step))
     return out
 
   def draw(self, records: Sequence[Record]) -> dict[str, Any]:
@@ -433,6 +436,7 @@ def control(search: Search, launcher: LocalLauncher, stop: trials.Stop, parallel
   held) counts as running until it ends."""
   elsewhere: set[str] = set()
   ended: list[tuple[str, int | None]] = []
+  launched: dict[str, int] = {}  # trial -> the step it had logged when we started it
   while True:
     records = {r.trial.name: r for r in search.records()}
     for name, returncode in ended:
@@ -442,10 +446,10 @@ def control(search: Search, launcher: LocalLauncher, stop: trials.Stop, parallel
         continue
       if returncode:
         error = trials.record_error(trial_dir, returncode)
-      elif record.reached < record.target:
-        error = (f'exit code 0 at epoch {record.reached}, before its rung {record.target}')
+      elif record.reached < record.target and record.step <= launched[name]:
+        error = f'exit code 0 at step {record.step} with no progress, short of its rung'
         workdir_lib.write_atomic(os.path.join(trial_dir, 'error.txt'), error + '\n')
-      else:
+      else:  # at its rung; or stopped by a signal of its own (pre-empted): it resumes
         continue
       search.fail(record, error)
       log(f'{name}: FAILED, {error} (log: {os.path.join(trial_dir, "log.txt")})')
@@ -472,6 +476,7 @@ def control(search: Search, launcher: LocalLauncher, stop: trials.Stop, parallel
         continue
       log(f'{trial.name} {why}: {" ".join(f"{k}={v}" for k, v in trial.overrides.items())}'
           f'{f", to epoch {target}" if why == "starts" and target < search.max_epochs else ""}')
+      launched[trial.name] = records[trial.name].step if trial.name in records else 0
       launcher.start(trial.name, trial_dir, search.command(trial, target))
     if not busy or (stop.event.is_set() and not launcher.running()):
       return stop.event.is_set()

@@ -8,7 +8,7 @@ import csv
 import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from alexnet_jax import curves, trials
 
@@ -138,6 +138,7 @@ def plot(report: Report, ax: Any) -> None:
                edgecolors=color, zorder=3)
     if r.status in ('paused', 'failed'):
       ax.scatter([r.epochs], [r.errors[r.epochs]], marker='x', s=60, color=color, zorder=3)
+  ax.xaxis.set_major_locator(curves.matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel('epoch')
   ax.set_ylabel('validation top-1 error')
   ax.set_yscale('log')

@@ -13,7 +13,7 @@ import pytest
 
 from alexnet_jax import asha, search
 from alexnet_jax.search import choice, integer, log_uniform, uniform
-from conftest import REPO
+from conftest import REPO, tiny_config
 from test_resume import assert_same_tree, checkpoint, metrics
 
 CONFIG = os.path.join(REPO, 'configs', 'default.py')
@@ -82,6 +82,32 @@ def test_the_same_seed_draws_the_same_configs_across_restarts(tmp_path):
   assert draws(space_search(tmp_path, 'tpe'), 2) == draws(space_search(tmp_path, 'tpe'), 2)
   with pytest.raises(ValueError, match=r'other settings \(search_seed: 0\)'):
     space_search(tmp_path, seed=1, storage=journal())
+
+
+def test_tpe_sees_paused_and_finished_trials(tmp_path):
+  """TPE's view of the search: a trial at the last epoch finished, a paused one pruned there."""
+  tpe = space_search(tmp_path, 'tpe')
+  draws(tpe, 3)
+  for name, errors in (('trial_000', [0.5]), ('trial_001', [0.4, 0.3, 0.2]), ('trial_002', [])):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'metrics.jsonl').write_text(''.join(
+        json.dumps({'step': 10 * e, 'epoch': float(e), 'val_top1_error': x, 'val_top5_error': x})
+        + '\n' for e, x in zip([1, 3, 9], errors)) + '{"step": 1')  # a line being written
+  records = tpe.records()
+  assert [r.reached for r in records] == [1, 9, 0]
+  view = [tpe._as_finished(r) for r in records[:2]]
+  assert [(t.state.name, t.value, t.intermediate_values) for t in view] == [
+      ('PRUNED', None, {1: 0.5}), ('COMPLETE', 0.2, {1: 0.4, 3: 0.3, 9: 0.2})]
+  assert set(tpe.draw(records)) == {'optimizer.learning_rate', 'optimizer.weight_decay'}
+
+
+def test_pause_at_epoch_is_checked_and_may_change_on_resume(tmp_path):
+  from alexnet_jax import train, workdir
+  config = tiny_config(str(tmp_path))
+  config.train.pause_at_epoch = -1
+  with pytest.raises(ValueError, match='train.pause_at_epoch=-1 must be 0'):
+    train.check_config(config)
+  assert 'train.pause_at_epoch' in workdir.RESUMABLE
 
 
 def test_spaces():
@@ -165,8 +191,8 @@ def test_asha_survives_a_killed_controller_and_a_promoted_trial_equals_an_unpaus
   first = sweep_cli(tmp_path, digits_dir, GRID_FILE, *args)
   workdir = tmp_path / 'search'
   deadline = time.time() + 300
-  while time.time() < deadline and first.poll() is None and not any(
-      'val_top1_error' in l for l in metrics_lines(workdir / 'trial_000')):
+  while time.time() < deadline and first.poll() is None and not metrics_lines(
+      workdir / 'trial_000'):
     time.sleep(0.1)
   first.send_signal(signal.SIGKILL)  # the controller only: its trials go on, orphaned
   first.communicate()
@@ -190,7 +216,7 @@ def test_asha_survives_a_killed_controller_and_a_promoted_trial_equals_an_unpaus
   for name in good:
     starts = launches(workdir / name)
     assert sum('Resuming from step' not in s for s in starts) == 1, name  # started once
-    steps = [l['step'] for l in metrics(workdir / name)]
+    steps = [l['step'] for l in metrics(workdir / name) if 'train_loss' in l]
     assert steps == sorted(set(steps)), name  # no step trained twice
   assert 'Paused at epoch 1' in launches(workdir / best)[0]
   assert 'Resuming from step 22 (epoch 1.00)' in launches(workdir / best)[1]
