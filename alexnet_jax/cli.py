@@ -31,8 +31,9 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], usa
   """Runs `main(positional arguments)` as the program. `usage` is the one-line synopsis
   (`python -m alexnet_jax.X --flag=VALUE ARG...`); `num_args` the fewest and most positional
   arguments (None: no limit)."""
-  # Before anything imports TensorFlow: its INFO lines at start-up (oneDNN, cpu_feature_guard)
-  # are not for the user; its warnings and errors still show.
+  # Before anything imports TensorFlow: its INFO lines while running are not for the user (those
+  # it prints at start-up, whatever this says, alexnet_jax/quiet_tf.py drops); its warnings and
+  # errors still show.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
   def parse(argv: list[str]) -> list[str]:

@@ -53,9 +53,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
   (`experiment.EVAL_PINNED` says what it may not change).
   """
   import jax
-  from alexnet_jax import experiment, input_pipeline, steps, workdir as workdir_lib
+  from alexnet_jax import experiment, steps, workdir as workdir_lib
 
-  checkpoint = experiment.load(workdir, step, config)
+  checkpoint = experiment.load(workdir, step, config)  # a wrong workdir or step fails before TF
+  from alexnet_jax import input_pipeline  # TensorFlow
   exp, config = checkpoint.experiment, checkpoint.experiment.config
   trained_flip = workdir_lib.read_config(workdir).dataset.flip
   if config.dataset.flip != trained_flip:  # it decides whether the ten crops mirror

@@ -35,14 +35,10 @@ from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.preprocess import Preprocess
-
-# TensorFlow only feeds the host; keep it off every accelerator so JAX owns them.
-tf.config.set_visible_devices([], 'GPU')
+from alexnet_jax.quiet_tf import tf, tfds
 
 EVAL_CROPS = (1, 10)  # what evaluation may ask for (`eval_crop_names`: what it gets)
 FIVE_CROPS = ('top-left', 'top-right', 'bottom-left', 'bottom-right', 'center')

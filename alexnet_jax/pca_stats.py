@@ -57,8 +57,7 @@ def rgb_statistics(batches: Iterable[np.ndarray]) -> dict[str, Any]:
 
 def split_statistics(config: ml_collections.ConfigDict, num_images: int = -1) -> dict[str, Any]:
   """`rgb_statistics` of the first `num_images` (-1: all) of `dataset.train_split`, resized."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
+  from alexnet_jax.quiet_tf import tf, tfds
   from alexnet_jax import input_pipeline as ip
   from alexnet_jax.preprocess import Preprocess
 

@@ -49,11 +49,12 @@ def predict(workdir: str, paths: Sequence[str], step: int | None = None, top_k: 
   """For each image, its `top_k` (class name, probability) pairs, most probable first; or, for
   an image that cannot be read or decoded, the one-line reason (the others are still scored)."""
   import jax
-  import tensorflow as tf
-  from alexnet_jax import experiment, input_pipeline
+  from alexnet_jax import experiment
   from alexnet_jax.preprocess import normalize
 
-  checkpoint = experiment.load(workdir, step, flag='--checkpoint')
+  checkpoint = experiment.load(workdir, step, flag='--checkpoint')  # fails before TF when wrong
+  from alexnet_jax import input_pipeline  # TensorFlow
+  from alexnet_jax.quiet_tf import tf
   model, pre = checkpoint.experiment.model, checkpoint.experiment.pre
   names = checkpoint.class_names
   if names is None or len(names) != model.num_classes:

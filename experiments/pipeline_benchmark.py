@@ -19,6 +19,10 @@ flips, PCA lighting; uint8 batches of 128):
   decode ceiling     tf.io.decode_jpeg of the prepared JPEGs and nothing else, batched
 
 and prints one table (img/s, ratios, and the cores it takes to feed --feed img/s).
+`--kinds` picks some of them; `--onednn_ab` measures each kind twice, with TensorFlow's oneDNN
+custom operations off (TF_ENABLE_ONEDNN_OPTS=0, what alexnet_jax/quiet_tf.py sets) and on (=1,
+TensorFlow's default on CPUs with AVX-512 VNNI or AMX), and says whether both give the same bytes
+in their first batches.
 
 The kinds are measured side by side, time-sliced: each runs in --replicas processes pinned to the
 same cores, and the parent lets one process run at a time (SIGCONT/SIGSTOP) for --slice_seconds,
@@ -31,6 +35,7 @@ second of the process's CPU time; all cores: images per second of the time it wa
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import random
@@ -62,6 +67,9 @@ _BASELINE = flags.DEFINE_string('baseline_rev', None, 'Also measure the train pi
 _FEED = flags.DEFINE_integer('feed', 45_000, 'Target img/s for the "cores to feed" column (one '
                              'H200 step, experiments/results/gpu_benchmark.md).')
 _MARKDOWN = flags.DEFINE_string('markdown', None, 'Also write the table here.')
+_KINDS = flags.DEFINE_list('kinds', None, 'Measure only these (full, before, jpeg, raw, ceiling).')
+_ONEDNN_AB = flags.DEFINE_boolean('onednn_ab', False, 'Measure every kind with '
+                                  'TF_ENABLE_ONEDNN_OPTS=0 and =1, side by side.')
 _MEASURE = flags.DEFINE_string('measure', None, 'Internal: run this kind, reporting progress.')
 _REPORT = flags.DEFINE_integer('report_fd', None, 'Internal: where to report progress.')
 _CORES = flags.DEFINE_list('cores', None, 'Internal: CPU ids to pin to.')
@@ -100,7 +108,7 @@ def read_jpegs(path: str, limit: int) -> list[bytes]:
 
 def write_prepared(data: list[bytes], store_dir: str) -> None:
   """The 256x256 squares of `data` as JPEG bytes and raw uint8 (datasets/prepared.py's store)."""
-  import tensorflow as tf
+  from alexnet_jax.quiet_tf import tf
   from alexnet_jax.datasets import prepared
   jpegs = [prepared.store(tf.constant(d), 256, 'jpeg', 95).numpy() for d in data]
   raw = np.stack([prepared.store(tf.constant(d), 256, 'raw', 0).numpy() for d in data])
@@ -130,7 +138,7 @@ def load_module(rev: str):
 
 
 def batches(kind: str, data: list[bytes], store_dir: str, batch_size: int):
-  import tensorflow as tf
+  from alexnet_jax.quiet_tf import tf
   from alexnet_jax import input_pipeline as ip
   from configs import imagenet
   if kind == 'ceiling':
@@ -156,9 +164,11 @@ def measure() -> None:
   data = read_jpegs(_PATH.value, _NUM_FILES.value)
   iterator = batches(_MEASURE.value, data, _STORE.value, _BATCH.value)
   report = os.fdopen(_REPORT.value, 'w', buffering=1)
+  digest = hashlib.sha256()
   for _ in range(3):
-    next(iterator)
-  report.write('ready\n')
+    for key, value in sorted(next(iterator).items()):
+      digest.update(key.encode() + np.ascontiguousarray(value).tobytes())
+  report.write(f'{digest.hexdigest()}\nready\n')
   count = 0
   while True:
     next(iterator)
@@ -170,14 +180,18 @@ class Child:
   """One kind's measuring process, stopped except while its slice runs."""
 
   def __init__(self, kind: str, cores: list[int], store_dir: str):
+    """`kind`: one of KINDS, or KIND@V to run it with TF_ENABLE_ONEDNN_OPTS=V."""
     self.kind = kind
+    kind, _, onednn = kind.partition('@')
+    env = {**os.environ, **({'TF_ENABLE_ONEDNN_OPTS': onednn} if onednn else {})}
     read, write = os.pipe()
     args = [sys.executable, os.path.abspath(__file__), f'--measure={kind}',
             f'--cores={",".join(map(str, cores))}', f'--store={store_dir}',
             f'--report_fd={write}'] + [a for a in sys.argv[1:]
                                        if not a.startswith(('--make_photos', '--markdown'))]
     self.log = tempfile.TemporaryFile()  # a pipe could fill and block the child
-    self.process = subprocess.Popen(args, pass_fds=(write,), stdout=self.log, stderr=self.log)
+    self.process = subprocess.Popen(args, pass_fds=(write,), stdout=self.log, stderr=self.log,
+                                    env=env)
     os.close(write)
     self.pipe, self.buffer = read, b''
     self.samples: list[tuple[int, float, float]] = []  # (images, CPU s, s let run) per slice
@@ -190,7 +204,7 @@ class Child:
         self.log.seek(0)
         raise RuntimeError(f'{self.kind} failed:\n' + self.log.read().decode()[-3000:])
       self.buffer += chunk
-    self.buffer = self.buffer.split(b'ready\n', 1)[1]
+    self.digest, self.buffer = self.buffer.split(b'ready\n', 1)
     self.process.send_signal(signal.SIGSTOP)
 
   def run_slice(self, seconds: float) -> None:
@@ -220,7 +234,8 @@ class Child:
 
 
 def time_sliced(kinds: list[str], cores: list[int], store_dir: str) -> dict[str, dict]:
-  """Each kind's img/s ('cpu', 'wall'): the median of its --replicas processes, and their range."""
+  """Each kind's img/s ('cpu', 'wall'): the median of its --replicas processes, and their range;
+  and the digests of its processes' first batches ('digests')."""
   children = [(k, Child(k, cores, store_dir)) for k in kinds for _ in range(_REPLICAS.value)]
   try:
     for _, child in children:
@@ -240,6 +255,7 @@ def time_sliced(kinds: list[str], cores: list[int], store_dir: str) -> dict[str,
       results[kind] = {m: {'median': float(np.median([r[m] for r in rates])),
                            'low': min(r[m] for r in rates), 'high': max(r[m] for r in rates)}
                        for m in ('cpu', 'wall')}
+      results[kind]['digests'] = {child.digest for k, child in children if k == kind}
     return results
   finally:
     for _, child in children:
@@ -254,7 +270,12 @@ def main(argv) -> None:
     make_photos(_PATH.value, _MAKE.value)
   data = read_jpegs(_PATH.value, _NUM_FILES.value)
   cores = sorted(os.sched_getaffinity(0))
-  kinds = [k for k in KINDS if k != 'before' or _BASELINE.value]
+  kinds = [k for k in _KINDS.value or KINDS if k != 'before' or _BASELINE.value]
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown:
+    raise app.UsageError(f'--kinds: {unknown} unknown; use some of {KINDS}.')
+  if _ONEDNN_AB.value:
+    kinds = [f'{k}@{v}' for k in kinds for v in '01']
   with tempfile.TemporaryDirectory() as store_dir:
     subprocess.run([sys.executable, '-c', f'import sys; sys.path.insert(0, {REPO!r}); '
                     f'from experiments.pipeline_benchmark import read_jpegs, write_prepared; '
@@ -265,6 +286,8 @@ def main(argv) -> None:
   spread = lambda r, m: f'{r[m]["low"]:,.0f}-{r[m]["high"]:,.0f}'
   sizes = [len(d) for d in data]
   names = {**NAMES, 'before': f'full-size JPEGs, pipeline at {_BASELINE.value}'}
+  names.update({f'{k}@{v}': f'{names[k]}, oneDNN {("off", "on")[int(v)]}'
+                for k in KINDS if k in names for v in '01'})
   lines = [f'{len(data)} JPEGs from {_PATH.value} (mean {np.mean(sizes) / 1e3:.0f} KB), batch '
            f'{_BATCH.value}; {len(cores)} cores; time-sliced: {_REPLICAS.value} processes a kind, '
            f'{_ROUNDS.value} rounds of {_SLICE.value:g} s a process; each figure is the median of '
@@ -279,17 +302,28 @@ def main(argv) -> None:
                  f'{one[k]["wall"]["median"]:,.0f} | {every[k]["wall"]["median"]:,.0f} '
                  f'({spread(every[k], "wall")}) | {per_core:,.0f} | '
                  f'{_FEED.value / one[k]["cpu"]["median"]:,.0f} |')
-  one = {k: v['cpu']['median'] for k, v in one.items()}
-  ratio = lambda a, b: one[a] / one[b]
   lines.append('')
-  lines.append(f'prepared JPEG / full-size: {ratio("jpeg", "full"):.1f}x on 1 core')
-  if 'before' in one:
-    lines += [f'prepared JPEG / before: {ratio("jpeg", "before"):.1f}x on 1 core (goal >= 10x)',
-              f'full-size / before: {ratio("full", "before"):.1f}x on 1 core (goal >= 3x)']
-  lines += [f'prepared JPEG / decode ceiling: {ratio("jpeg", "ceiling"):.0%} on 1 core '
-            f'(goal >= 70%)',
-            f'prepared raw: {one["raw"]:,.0f} img/s on 1 core (goal >= 8,000)']
+  lines += ratios({k: v['cpu']['median'] for k, v in one.items()})
+  if _ONEDNN_AB.value:
+    for k in sorted({k.split('@')[0] for k in kinds}, key=KINDS.index):
+      off, on = one[f'{k}@0'], one[f'{k}@1']
+      same = len(off['digests'] | on['digests']) == 1
+      lines.append(f'{names[k]}: oneDNN off / on {off["cpu"]["median"] / on["cpu"]["median"]:.2f}x '
+                   f'on 1 core; first 3 batches {"identical" if same else "DIFFER"} in all '
+                   f'{2 * _REPLICAS.value} processes')
   emit('\n'.join(lines), _MARKDOWN.value)
+
+
+def ratios(one: dict[str, float]) -> list[str]:
+  """The ratios of issue 13's goals, among the kinds measured (1 core, CPU time)."""
+  wanted = [('jpeg', 'full', 'prepared JPEG / full-size: {:.1f}x on 1 core'),
+            ('jpeg', 'before', 'prepared JPEG / before: {:.1f}x on 1 core (goal >= 10x)'),
+            ('full', 'before', 'full-size / before: {:.1f}x on 1 core (goal >= 3x)'),
+            ('jpeg', 'ceiling', 'prepared JPEG / decode ceiling: {:.0%} on 1 core (goal >= 70%)')]
+  lines = [text.format(one[a] / one[b]) for a, b, text in wanted if a in one and b in one]
+  if 'raw' in one:
+    lines.append(f'prepared raw: {one["raw"]:,.0f} img/s on 1 core (goal >= 8,000)')
+  return lines
 
 
 if __name__ == '__main__':

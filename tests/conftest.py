@@ -14,6 +14,12 @@ if _OWN_CACHE:
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every subprocess a test starts imports the repository and tests/ modules, and its TensorFlow
+# prints at import what it prints on AVX-512 VNNI/AMX CPUs (tests/chatty_tensorflow), whatever
+# CPU runs the suite: a command that lets that chatter through fails its test everywhere.
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    [os.path.join(REPO, 'tests', 'chatty_tensorflow'), REPO, os.path.join(REPO, 'tests')] +
+    [p for p in [os.environ.get('PYTHONPATH')] if p])
 
 
 @pytest.fixture(scope='session')

@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 import fake_data
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.datasets import folder
+from alexnet_jax.quiet_tf import tfds
 from configs import default
 
 

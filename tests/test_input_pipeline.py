@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.color_stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 from alexnet_jax.preprocess import Preprocess, normalize
+from alexnet_jax.quiet_tf import tf
 
 
 @pytest.fixture

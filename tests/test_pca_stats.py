@@ -71,7 +71,7 @@ def test_cli_output_is_the_lighting_training_uses(tmp_path):
   np.testing.assert_allclose(p.eigvec, stats['eigvec'])
   # The training lighting shift is eigvec @ (alpha * eigval) with these statistics: the same
   # alpha as under the default ones.
-  import tensorflow as tf
+  from alexnet_jax.quiet_tf import tf
   first = tf.constant(3, tf.int64)
   shifts = ip.augmentation_draws(first, 8, 0, p)['shift'].numpy()
   assert np.abs(shifts).min() > 0

@@ -6,12 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.preprocess import Preprocess
 from alexnet_jax.datasets import prepared
+from alexnet_jax.quiet_tf import tf, tfds
 from conftest import REPO, tiny_config
 
 

@@ -72,8 +72,7 @@ def sweep_cli(tmp_path, data_dir, *args):
       [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
        f'--sweep={sweep_file}', f'--workdir={tmp_path / "sweep"}',
        f'--config.dataset.data_dir={data_dir}', *TINY, *args],
-      cwd=REPO, capture_output=True, text=True,
-      env={**os.environ, 'PYTHONPATH': REPO})
+      cwd=REPO, capture_output=True, text=True)
 
 
 def eval_steps(trial_dir):

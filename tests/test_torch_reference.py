@@ -36,8 +36,7 @@ def test_cli_times_a_step(tmp_path):
   out = subprocess.run(
       [sys.executable, 'experiments/torch_reference.py', '--image_size=63', '--num_classes=10',
        '--cases=eager:float32:2', '--warmup_steps=0', '--timed_steps=1', '--repeats=1',
-       f'--json={rows}'], cwd=REPO, capture_output=True, text=True,
-      env={**os.environ, 'PYTHONPATH': REPO})
+       f'--json={rows}'], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   (row,) = [json.loads(line) for line in open(rows)]
   assert (row['framework'], row['wrapper'], row['dtype'], row['batch_size']) == (

@@ -1,7 +1,7 @@
 import json
 import os
-import socket
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +22,7 @@ def free_port() -> int:
     sock.bind(('localhost', 0))
     return sock.getsockname()[1]
 
-EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-                 'PYTHONPATH': os.pathsep.join([REPO, os.path.join(REPO, 'tests')])}
+EIGHT_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 
 
 CHECK = os.path.join(REPO, 'tests', 'parallel_check.py')
@@ -121,9 +120,14 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path, digits_dir):
   assert os.listdir(tmp_path / 'checkpoints') == ['3']
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
 
-  again = run_cli(tmp_path, digits_dir, '--config.train.num_train_steps=5')
+  # Resumed with TensorFlow's logging as a user has it (not the suite's TF_CPP_MIN_LOG_LEVEL=3): no
+  # TensorFlow or absl record, at import (tests/chatty_tensorflow) or while training.
+  user_env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  again = run_cli(tmp_path, digits_dir, '--config.train.num_train_steps=5', env=user_env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Resuming from step 3' in again.stdout + again.stderr
+  assert not re.search(r'absl|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]', again.stdout + again.stderr), \
+      again.stderr[-3000:]
   steps = [l['step'] for l in read_metrics(tmp_path) if 'train_loss' in l]
   assert steps == [2, 3, 4, 5]  # continued, not restarted
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '5']

@@ -8,9 +8,9 @@ the rest `train` (1,437) — fixed and deterministic. Pixels 0..16 are scaled to
 from __future__ import annotations
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from alexnet_jax.datasets.local import LocalBuilder
+from alexnet_jax.quiet_tf import tfds
 
 
 class Digits(LocalBuilder):

@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 from absl import logging
-import tensorflow_datasets as tfds
 
 from alexnet_jax.datasets.local import LocalBuilder
 from alexnet_jax.errors import ConfigError
+from alexnet_jax.quiet_tf import tfds
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 BAD_IMAGE_POLICIES = ('fail', 'skip')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import tensorflow_datasets as tfds
+from alexnet_jax.quiet_tf import tfds
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder):

@@ -34,13 +34,12 @@ import signal
 from typing import Any, Iterator
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 import tqdm
 
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.datasets.local import LocalBuilder
 from alexnet_jax.errors import ConfigError
+from alexnet_jax.quiet_tf import tf, tfds
 
 CHUNK = 1024  # images per restart unit
 
