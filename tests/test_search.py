@@ -132,8 +132,7 @@ def sweep_cli(tmp_path, data_dir, sweep_text, *args):
       [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
        f'--sweep={sweep_file}', f'--workdir={tmp_path / "search"}',
        f'--config.dataset.data_dir={data_dir}', *TINY, *args],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, 'PYTHONPATH': REPO})
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 SPACE_FILE = '''
