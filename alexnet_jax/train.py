@@ -191,9 +191,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             break
         else:
           if run.last_step < run.total_steps:
-            loop.say(f'Paused at epoch {config.train.pause_at_epoch} (train.pause_at_epoch, step '
-                     f'{max(start, run.last_step)}) with its checkpoint; run again with a later '
-                     f'pause epoch, or 0, to continue.')
+            pause = config.train.pause_at_epoch
+            loop.say((f'Paused at epoch {pause} (train.pause_at_epoch) with checkpoint '
+                      f'{run.last_step}' if start < run.last_step else
+                      f'Checkpoint {start} is at or past epoch {pause} (train.pause_at_epoch)') +
+                     '; run again with a later pause epoch, or 0, to continue.')
   return last_eval
 
 
