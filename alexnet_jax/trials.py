@@ -6,7 +6,8 @@ Every dict (times every seed) is one trial: `python -m alexnet_jax.main --config
 --workdir=DIR/<trial name> --config.k=v ...` in its own process, so trials cannot disturb each
 other and each one resumes from its own checkpoints. A trial is finished when its `done` file
 exists; a failed one gets an `error.txt` holding the error line and is run again (resumed) by the
-next invocation.
+next invocation. (`get_sweep()` may also return a search space, which alexnet_jax/search.py draws
+trials from.)
 """
 
 from __future__ import annotations
