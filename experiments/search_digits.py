@@ -172,8 +172,9 @@ def main(argv: Sequence[str]) -> None:
   for ax, (name, title) in zip(axes, (('asha', f'ASHA (r={_MIN_EPOCHS.value}, η={_ETA.value})'),
                                       ('full', 'every trial to the end'))):
     search_report.plot(reports[name], ax)
-    ax.set_title(f'{title}: {sum(r.epochs for r in reports[name].results)} epochs\n'
-                 '○ paused, then promoted   × paused for good', fontsize='small')
+    ax.set_title(f'{title}: {sum(r.epochs for r in reports[name].results)} epochs' +
+                 ('\n○ paused, then promoted   × paused for good' if name == 'asha' else ''),
+                 fontsize='small')
   fig.tight_layout()
   curves.save(fig, figure)
   text = [
