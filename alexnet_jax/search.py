@@ -11,7 +11,9 @@ A sweep file's `get_sweep()` may return a search space instead of a list of over
 `python -m alexnet_jax.sweep --search=random|tpe --trials=N --search_seed=S` draws N configs from
 it (`--search=grid` takes every combination of the `choice`s, or every dict of a list sweep, in
 order; random and TPE draw one of a list sweep's dicts). Trial k is `DIR/trial_<k>/`, a
-`python -m alexnet_jax.main` process like any sweep trial. The draws, each trial's epoch budget
+`python -m alexnet_jax.main` process like any sweep trial, and each start of it (the first, a
+resumption, a promotion) is one task of alexnet_jax/launchers.py: a local process, or a SLURM job
+whose records in `DIR/slurm/` let a new controller re-attach to it. The draws, each trial's epoch budget
 and its results live in Optuna's journal file `DIR/search_journal.log` (one process appends at a
 time under a file lock: no database, nothing to serve), the rest in the trial directories; so
 running the same command again continues the search where it stopped. Trial k's draw depends only
@@ -20,7 +22,8 @@ on S and k (and, for TPE, on the results so far), so the same command draws the 
 With `--early_stop=asha` (alexnet_jax/asha.py) every trial pauses at its rung: its command
 carries `--config.train.pause_at_epoch=<rung>`, the run saves and exits there, and a promotion
 runs it again with the next rung, resuming from that checkpoint: a promoted trial ends exactly as
-if it had trained straight through.
+if it had trained straight through. (So a trial's `done` file, the launcher's mark of a command
+that exited 0, also marks a trial paused at its rung; the controller goes by `metrics.jsonl`.)
 """
 
 from __future__ import annotations
@@ -357,7 +360,7 @@ def open_search(config: ml_collections.ConfigDict, config_path: str,
 def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Mapping[str, Any],
         sweep_path: str, workdir: str, settings: Settings, dry_run: bool = False,
         launcher: launchers.Launcher | None = None, log: Callable[[str], None] = print,
-        poll_s: float = 1.0) -> bool:
+        poll_s: float = 0.5) -> bool:
   """Runs (or continues) the search in `workdir` with `launcher` (default: local processes),
   then writes its report; with `dry_run` prints the first wave's commands instead. What it says
   also goes, time-stamped, to `workdir/search_log.txt`. Returns whether it ended with no trial
@@ -399,7 +402,7 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
 
 
 def control(search: Search, launcher: launchers.Launcher, parallel: int,
-            log: Callable[[str], None], poll_s: float = 1.0) -> bool:
+            log: Callable[[str], None], poll_s: float = 0.5) -> bool:
   """Starts, resumes and promotes trials, each start one task of `launcher`, `parallel` at a
   time, until no start is left; returns whether a signal stopped it. On a signal nothing more
   starts: local trials get it too (they save and exit); SLURM jobs go on, and the next

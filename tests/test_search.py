@@ -15,6 +15,7 @@ from alexnet_jax import asha, search
 from alexnet_jax.search import choice, integer, log_uniform, uniform
 from conftest import REPO, tiny_config
 from test_resume import assert_same_tree, checkpoint, metrics
+from test_sweep import slurm_records
 
 CONFIG = os.path.join(REPO, 'configs', 'default.py')
 # 22 steps an epoch (batch 64 of the 1,437 training digits) at the tests' size.
@@ -125,14 +126,14 @@ def test_spaces():
     search.make_space([{'a': log_uniform(1, 2)}], 'random', 'f')
 
 
-def sweep_cli(tmp_path, data_dir, sweep_text, *args):
+def sweep_cli(tmp_path, data_dir, sweep_text, *args, env=None):
   sweep_file = tmp_path / 'search_sweep.py'
   sweep_file.write_text(sweep_text)
   return subprocess.Popen(
       [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
        f'--sweep={sweep_file}', f'--workdir={tmp_path / "search"}',
        f'--config.dataset.data_dir={data_dir}', *TINY, *args],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 SPACE_FILE = '''
@@ -175,6 +176,10 @@ GRID_FILE = '''
 def get_sweep():
   return [{'optimizer.learning_rate': 0.05}, {'optimizer.learning_rate': 0.02},
           {'optimizer.momentum': 'fast'}]  # broken: not a float
+'''
+TWO_FILE = '''
+def get_sweep():
+  return [{'optimizer.learning_rate': 0.05}, {'optimizer.learning_rate': 0.02}]
 '''
 
 
@@ -241,3 +246,51 @@ def metrics_lines(trial_dir):
     return (trial_dir / 'metrics.jsonl').read_text().splitlines()
   except FileNotFoundError:
     return []
+
+
+def test_slurm_search_is_a_job_per_start_and_promotion_and_reattaches(slurm, tmp_path, digits_dir):
+  """Two trials on the cluster: the controller is killed once both first
+  jobs are submitted; the same command re-attaches to them (submits neither again), promotes the
+  better one as a third job and finishes. SLURM's records: one job per start or promotion, a
+  trial's jobs one after the other."""
+  args = ['--search=grid', '--early_stop=asha', '--reduction_factor=2', '--parallel=2',
+          '--config.train.num_epochs=2', '--launcher=slurm', '--slurm_cpus=1',
+          '--slurm_mem_gb=0.5', '--slurm_time=30']
+  workdir = tmp_path / 'search'
+  first = sweep_cli(tmp_path, digits_dir, TWO_FILE, *args, env=slurm.env)
+  deadline = time.time() + 300
+  records = workdir / 'slurm' / 'jobs.jsonl'
+  while time.time() < deadline and first.poll() is None and (
+      not records.exists() or records.read_text().count('"jobs"') < 2):
+    time.sleep(0.1)
+  first.kill()
+  first.communicate()
+  again = sweep_cli(tmp_path, digits_dir, TWO_FILE, *args, env=slurm.env)
+  out, err = again.communicate(timeout=600)
+  assert again.returncode == 0, err[-3000:]
+  assert 'trial_000 starts' not in out and 'trial_001 starts' not in out, out  # re-attached
+  assert out.count('promoted to epoch 2') == 1, out
+
+  submissions = list(slurm_records(workdir).values())
+  names = [[t['name'] for t in s['tasks']] for s in submissions]
+  assert sorted(names) == [['trial_000'], ['trial_000'], ['trial_001']] or sorted(names) == [
+      ['trial_000'], ['trial_001'], ['trial_001']], names
+  jobs = {(f'{j["ArrayJobId"]}_{j["ArrayTaskId"]}' if 'ArrayTaskId' in j else j['JobId']): j
+          for j in slurm.jobs()}
+  by_trial = {}
+  for s in submissions:
+    by_trial.setdefault(s['tasks'][0]['name'], []).append(jobs[s['jobs'][0]])
+  for js in by_trial.values():
+    assert all(j['JobState'] == 'COMPLETED' for j in js)
+    for earlier, later in zip(js, js[1:]):
+      assert earlier['EndTime'] <= later['SubmitTime'], (earlier, later)
+  promoted = next(n for n, js in by_trial.items() if len(js) == 2)
+  for name in by_trial:
+    starts = launches(workdir / name)
+    assert len(starts) == len(by_trial[name]), name
+    assert sum('Resuming from step' not in s for s in starts) == 1, name  # started once
+  assert 'Resuming from step 22 (epoch 1.00)' in launches(workdir / promoted)[1]
+  with open(workdir / 'results.csv') as f:
+    assert {r['trial']: (r['status'], r['epochs']) for r in csv.DictReader(f)} == {
+        n: ('done', '2') if n == promoted else ('paused', '1') for n in by_trial}
+
