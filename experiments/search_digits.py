@@ -10,7 +10,10 @@ with every trial trained to `train.num_epochs` in `--full_workdir`. Both continu
 commands, the comparison, each search's own report and log) and `.png` (both searches' curves).
 The goal: ASHA's best validation error within 1 percentage point of the full-budget best, with
 at most 45% of its epochs. It also checks, trial by trial, that what ASHA trained (paused and
-promoted trials included) equals the same config's uninterrupted run over the epochs both have.
+promoted trials included) equals the same config's uninterrupted run over the epochs both have;
+so ASHA can be replayed exactly on the full-budget curves: with other rungs, and ranking a rung on
+other values than the controller's (validation loss, the best error so far, top-5 error), next
+to each trial's ranks at the rungs.
 """
 
 from __future__ import annotations
@@ -58,16 +61,16 @@ def same_as_full(asha_dir: str, full_dir: str) -> bool:
   return asha_lines == [l for l in metric_lines(full_dir) if l['step'] <= last]
 
 
-def comparison(asha: search_report.Report, full: search_report.Report, asha_dir: str,
+def comparison(stopped: search_report.Report, full: search_report.Report, asha_dir: str,
                full_dir: str) -> tuple[list[str], dict]:
   """The table of both searches' trials, and the goal's figures."""
   full_by_name = {r.name: r for r in full.results}
-  keys = list(asha.results[0].values)
+  keys = list(stopped.results[0].values)
   lines = ['| trial | ' + ' | '.join(keys) + ' | ASHA: epochs | ASHA: val top-1 % at its last '
            'epoch | full: val top-1 % at that epoch | full: val top-1 % at the end | '
            'ASHA trained exactly what the full run did |', '|---' * (len(keys) + 6) + '|']
   identical = True
-  for r in sorted(asha.results, key=lambda r: r.name):
+  for r in sorted(stopped.results, key=lambda r: r.name):
     f = full_by_name[r.name]
     assert f.values == r.values, (r.values, f.values)  # the same seed drew the same config
     same = same_as_full(os.path.join(asha_dir, r.name), os.path.join(full_dir, r.name))
@@ -76,9 +79,9 @@ def comparison(asha: search_report.Report, full: search_report.Report, asha_dir:
                  f' | {r.epochs} | {100 * r.last_error:.2f} | '
                  f'{100 * f.errors[r.epochs]:.2f} | {100 * f.last_error:.2f} | '
                  f'{"yes" if same else "NO"} |')
-  best_asha = asha.ranked()[0]
+  best_asha = stopped.ranked()[0]
   best_full = full.ranked()[0]
-  used = sum(r.epochs for r in asha.results)
+  used = sum(r.epochs for r in stopped.results)
   full_epochs = sum(r.epochs for r in full.results)
   figures = dict(best_asha=best_asha, best_full=best_full, used=used, full_epochs=full_epochs,
                  gap=100 * (best_asha.last_error - best_full.last_error),
@@ -89,10 +92,10 @@ def comparison(asha: search_report.Report, full: search_report.Report, asha_dir:
 def replay(curves: dict[str, dict[int, float]], rungs: Sequence[int], eta: int
            ) -> dict[str, int]:
   """The epochs each trial would get from ASHA with one slot, replayed on the full-budget runs'
-  curves (`curves`: trial -> validation error per epoch, in draw order): as the controller does
-  it, a trial trains to its rung, then the highest rung's promotion goes first, else the next
-  trial starts. Exact, because a paused and promoted trial trains what its uninterrupted run
-  trained (the comparison table checks it)."""
+  curves (`curves`: trial -> the value ASHA ranks on, per epoch, in draw order): as the
+  controller does it, a trial trains to its rung, then the highest rung's promotion goes first,
+  else the next trial starts. Exact, because a paused and promoted trial trains what its
+  uninterrupted run trained (the comparison table checks it)."""
   targets: dict[str, int] = {}
   names = list(curves)
   while True:
@@ -108,35 +111,83 @@ def replay(curves: dict[str, dict[int, float]], rungs: Sequence[int], eta: int
       return targets
 
 
-def replays(full: search_report.Report, real: search_report.Report, max_epochs: int
-            ) -> list[str]:
-  """Other rungs, replayed: epochs used and the pick against the full-budget best."""
-  curves = {r.name: r.errors for r in sorted(full.results, key=lambda r: r.name)}
-  best_full = min(r.errors[max_epochs] for r in full.results)
+def val_curves(report: search_report.Report, workdir: str, key: str) -> dict[str, dict[int, float]]:
+  """Each trial's `key` (a validation metric) per epoch, in draw order."""
+  out = {}
+  for r in sorted(report.results, key=lambda r: r.name):
+    epochs, values = curves.read_run(os.path.join(workdir, r.name)).series(key)
+    out[r.name] = {round(e): v for e, v in zip(epochs, values)}
+  return out
+
+
+def best_so_far(curve: dict[int, float]) -> dict[int, float]:
+  return {e: min(v for f, v in curve.items() if f <= e) for e in curve}
+
+
+def replay_row(errors: dict[str, dict[int, float]], ranked_on: dict[str, dict[int, float]],
+               rungs: Sequence[int], eta: int) -> tuple[dict[str, int], str, float]:
+  """(epochs per trial, the pick, its validation top-1 error) of ASHA ranking on `ranked_on`;
+  the pick is the search's first-ranked trial: the highest rung, then the lowest validation
+  top-1 error there, as results.md ranks them."""
+  epochs = replay(ranked_on, rungs, eta)
+  pick = min(epochs, key=lambda n: (-epochs[n], errors[n][epochs[n]], n))
+  return epochs, pick, errors[pick][epochs[pick]]
+
+
+def replays(full: search_report.Report, real: search_report.Report, full_dir: str,
+            max_epochs: int) -> list[str]:
+  """Other rungs, and other values to rank on, replayed: epochs used and the pick against the
+  full-budget best."""
+  errors = val_curves(full, full_dir, 'val_top1_error')
+  signals = {'val top-1 error at the rung (the controller\'s)': errors,
+             'val loss at the rung': val_curves(full, full_dir, 'val_loss'),
+             'best val top-1 error so far': {n: best_so_far(c) for n, c in errors.items()},
+             'val top-5 error at the rung': val_curves(full, full_dir, 'val_top5_error')}
+  best_full = min(c[max_epochs] for c in errors.values())
   real_epochs = {r.name: r.epochs for r in real.results}
-  lines = ['| r | η | rungs | epochs | share of the full budget | pick | its val top-1 % | '
-           'gap, pp |', '|---|---|---|---|---|---|---|---|']
-  for r, eta in ((1, 3), (1, 2), (2, 3), (2, 2), (3, 3)):
+  lines = ['| ranked on | r | η | rungs | epochs | share of the full budget | pick | its val '
+           'top-1 % | gap, pp | goal |', '|---|---|---|---|---|---|---|---|---|---|']
+  ours, *others = signals
+  cases = [(ours, 1, 3), *((name, 1, 3) for name in others),
+           *((ours, r, eta) for r, eta in ((1, 2), (2, 3), (2, 2), (3, 3)))]
+  for name, r, eta in cases:
     rungs = asha.rungs(r, eta, max_epochs)
-    epochs = replay(curves, rungs, eta)
-    if (r, eta) == (_MIN_EPOCHS.value, _ETA.value):
+    epochs, pick, error = replay_row(errors, signals[name], rungs, eta)
+    if (name, r, eta) == (ours, _MIN_EPOCHS.value, _ETA.value):
       assert epochs == real_epochs, (epochs, real_epochs)  # the replay is the real run
-    pick = min(epochs, key=lambda n: (-epochs[n], curves[n][epochs[n]], n))
-    error = curves[pick][epochs[pick]]
-    lines.append(f'| {r} | {eta} | {", ".join(map(str, rungs))} | {sum(epochs.values())} | '
-                 f'{100 * sum(epochs.values()) / (len(curves) * max_epochs):.0f}% | {pick} | '
-                 f'{100 * error:.2f} | {100 * (error - best_full):+.2f} |')
+    share = sum(epochs.values()) / (len(errors) * max_epochs)
+    gap = 100 * (error - best_full)
+    lines.append(f'| {name} | {r} | {eta} | {", ".join(map(str, rungs))} | '
+                 f'{sum(epochs.values())} | {100 * share:.0f}% | {pick} | {100 * error:.2f} | '
+                 f'{gap:+.2f} | {"holds" if gap <= 1.0 and share <= 0.45 else "misses"} |')
   return lines
 
 
-def sweep_command(workdir: str, asha: bool, overrides: Sequence[str]) -> list[str]:
+def ranks(full: search_report.Report, full_dir: str, at: Sequence[int]) -> list[str]:
+  """Each trial's rank (1: best) by validation top-1 error and by validation loss at the
+  epochs `at`; ties go to the lower trial number, as in ASHA's promotions."""
+  table = {key: val_curves(full, full_dir, key) for key in ('val_top1_error', 'val_loss')}
+  names = sorted(table['val_top1_error'])
+  rank = {(key, e): {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n: (c[n][e], n)))}
+          for key, c in table.items() for e in at}
+  head = ' | '.join(f'{what} at epoch {e}' for e in at
+                    for what in ('top-1 rank (error %)', 'loss rank (loss)'))
+  lines = [f'| trial | {head} |', '|---' * (1 + 2 * len(at)) + '|']
+  for n in sorted(names, key=lambda n: (table['val_top1_error'][n][at[-1]], n)):
+    lines.append(f'| {n} | ' + ' | '.join(
+        f'{rank["val_top1_error", e][n]} ({100 * table["val_top1_error"][n][e]:.2f}) | '
+        f'{rank["val_loss", e][n]} ({table["val_loss"][n][e]:.3f})' for e in at) + ' |')
+  return lines
+
+
+def sweep_command(workdir: str, early: bool, overrides: Sequence[str]) -> list[str]:
   return (['python', '-m', 'alexnet_jax.sweep',
            f'--config={os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO)}',
            f'--sweep={SWEEP}', f'--workdir={workdir}', '--search=random',
            f'--trials={_TRIALS.value}', f'--search_seed={_SEED.value}',
            f'--parallel={_PARALLEL.value}'] +
           ([f'--early_stop=asha', f'--min_epochs={_MIN_EPOCHS.value}',
-            f'--reduction_factor={_ETA.value}'] if asha else []) + list(overrides))
+            f'--reduction_factor={_ETA.value}'] if early else []) + list(overrides))
 
 
 def log_of(workdir: str) -> str:
@@ -155,11 +206,11 @@ def main(argv: Sequence[str]) -> None:
   base_overrides = config_flags.get_override_values(flags.FLAGS['config'])
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   reports, commands = {}, {}
-  for name, workdir, asha in (('asha', _ASHA_DIR.value, True), ('full', _FULL_DIR.value, False)):
-    commands[name] = sweep_command(workdir, asha, overrides)
+  for name, workdir, early in (('asha', _ASHA_DIR.value, True), ('full', _FULL_DIR.value, False)):
+    commands[name] = sweep_command(workdir, early, overrides)
     print(f'$ {shlex.join(commands[name])}', flush=True)
     subprocess.run([sys.executable] + commands[name][1:], cwd=REPO, check=False)
-    settings = search.Settings('random', _TRIALS.value, _SEED.value, 'asha' if asha else 'none',
+    settings = search.Settings('random', _TRIALS.value, _SEED.value, 'asha' if early else 'none',
                                _MIN_EPOCHS.value, _ETA.value, _PARALLEL.value)
     reports[name] = search.open_search(config, config_path, base_overrides,
                                        os.path.join(REPO, SWEEP), workdir, settings,
@@ -186,8 +237,11 @@ def main(argv: Sequence[str]) -> None:
       f'(log-uniform 1e-5..1e-2) on `{os.path.relpath(config_path, REPO)}` at '
       f'{config.dataset.image_size}px, model width {config.model.width}, batch '
       f'{config.train.batch_size}, {config.train.num_epochs} epochs. Errors: validation top-1, '
-      'in percent, at the last epoch each trial trained; a search\'s best is its first-ranked '
-      'trial (highest rung, then lowest error there).' +
+      'in percent. Both bests are measured alike: a search\'s best is its first-ranked trial '
+      '(the highest rung reached, then the lowest validation top-1 error at its last epoch; for '
+      'both searches here, a trial trained to the last epoch), and its figure is that trial\'s '
+      f'validation top-1 error after epoch {config.train.num_epochs}, not the best of its '
+      'curve.' +
       (' The digits validation split has 360 images: one image is 0.28 percentage points.'
        if config.dataset.name == 'digits' else ''), '',
       '## Result', '',
@@ -202,13 +256,21 @@ def main(argv: Sequence[str]) -> None:
       f'for wall-clock fields) of the same config\'s uninterrupted run over the epochs it trained: '
       f'{"yes" if g["identical"] else "NO"}.', '',
       *table, '', f'![validation error of every trial of both searches]({os.path.basename(figure)})',
-      '', '## Other rungs, replayed on the full-budget curves', '',
+      '', '## Replayed on the full-budget curves: what ASHA ranks on, and other rungs', '',
       'Because a paused and promoted trial trains exactly what its uninterrupted run trains (the '
       'last column above), ASHA with one slot can be replayed on the full-budget runs\' curves '
-      'for other r and η without training anything; the first row is the run above (the replay '
-      'gives each trial the epochs the real run gave it: checked). The pick is the first-ranked '
-      'trial; the gap is its error minus the full-budget best.', '',
-      *replays(reports['full'], reports['asha'], config.train.num_epochs), '']
+      'without training anything, ranking the trials of a rung on another value or with other r '
+      'and η; the first row is the run above (the replay gives each trial the epochs the real run '
+      'gave it: checked). The pick is the first-ranked trial (the highest rung, then the lowest '
+      'validation top-1 error there, whatever the promotions ranked on); the gap is its error '
+      'minus the full-budget best.', '',
+      *replays(reports['full'], reports['asha'], _FULL_DIR.value, config.train.num_epochs), '',
+      '## Each trial\'s rank at the rungs (full-budget curves)', '',
+      'Rank 1 is the best; ties go to the lower trial number, as in the promotions. Sorted by '
+      f'the validation top-1 error after epoch {config.train.num_epochs}.', '',
+      *ranks(reports['full'], _FULL_DIR.value,
+             asha.rungs(_MIN_EPOCHS.value, _ETA.value, config.train.num_epochs)),
+      '']
   for name, title in (('asha', 'ASHA search'), ('full', 'Full-budget search')):
     workdir = _ASHA_DIR.value if name == 'asha' else _FULL_DIR.value
     with open(os.path.join(workdir, 'results.md')) as f:
