@@ -13,11 +13,12 @@ it (`--search=grid` takes every combination of the `choice`s, or every dict of a
 order; random and TPE draw one of a list sweep's dicts). Trial k is `DIR/trial_<k>/`, a
 `python -m alexnet_jax.main` process like any sweep trial, and each start of it (the first, a
 resumption, a promotion) is one task of alexnet_jax/launchers.py: a local process, or a SLURM job
-whose records in `DIR/slurm/` let a new controller re-attach to it. The draws, each trial's epoch budget
-and its results live in Optuna's journal file `DIR/search_journal.log` (one process appends at a
-time under a file lock: no database, nothing to serve), the rest in the trial directories; so
-running the same command again continues the search where it stopped. Trial k's draw depends only
-on S and k (and, for TPE, on the results so far), so the same command draws the same configs.
+whose records in `DIR/slurm/` let a new controller re-attach to it. The draws, each trial's epoch
+budget and its results live in Optuna's journal file `DIR/search_journal.log` (one process
+appends at a time under a file lock: no database, nothing to serve), the rest in the trial
+directories; so running the same command again continues the search where it stopped. Trial
+k's draw depends only on S and k (and, for TPE, on the results so far), so the same command draws
+the same configs.
 
 With `--early_stop=asha` (alexnet_jax/asha.py) every trial pauses at its rung: its command
 carries `--config.train.pause_at_epoch=<rung>`, the run saves and exits there, and a promotion
@@ -476,8 +477,9 @@ def _judge(search: Search, record: Record, status: launchers.Status, launched: M
   else:
     if stalled and name not in held:
       held.add(name)
-      log(f'{name}: ended at step {record.step} with no progress, short of its rung ({status.state}'
-          f'{f"; SLURM log: {status.log}" if status.log else ""}); run the same command to resume it')
+      log(f'{name}: ended at step {record.step} with no progress, short of its rung '
+          f'({status.state}{f"; SLURM log: {status.log}" if status.log else ""}); run the same '
+          f'command to resume it')
     search.sync(record)
     if record.reached >= search.max_epochs:
       log(f'{name}: done, val top-1 error {100 * record.errors[search.max_epochs]:.2f}% after '
