@@ -42,7 +42,8 @@ class Run:
 
 def read_run(workdir: str) -> Run:
   """Reads `workdir/metrics.jsonl`; a step logged twice (a run resumed from an older checkpoint
-  repeats the steps after it) keeps its newest line."""
+  repeats the steps after it) keeps its newest line, and a line being written (a live run) is
+  left out."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise ConfigError(f'{path} does not exist; pass the --workdir of a training run or of a '
@@ -51,9 +52,11 @@ def read_run(workdir: str) -> Run:
   evals: dict[int, dict[str, float]] = {}
   with open(path) as f:
     for line in f:
-      if line.strip():
+      try:
         record = json.loads(line)
-        (evals if 'val_top1_error' in record else train)[record['step']] = record
+      except ValueError:  # empty, or cut short: a running (or killed) run's last line
+        continue
+      (evals if 'val_top1_error' in record else train)[record['step']] = record
   return Run(workdir, [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)])
 
 

@@ -3,12 +3,17 @@
 [--launcher=slurm --slurm_partition=P --slurm_gpus=G ...]`.
 
 Each trial runs as its own `python -m alexnet_jax.main` process in `DIR/<trial name>/`: a local
-process, or (`--launcher=slurm`) a job of one SLURM job array per sweep, `--parallel` of them at a
-time, whose scripts, logs and ids are kept in `DIR/slurm/`. Running the command again skips
+process, or (`--launcher=slurm`) a SLURM job, `--parallel` of them at a time, whose scripts, logs
+and ids are kept in `DIR/slurm/` (a grid sweep is one job array). Running the command again skips
 finished trials, re-attaches to trials still queued or running on SLURM and resumes the others.
 `--config.x=y` overrides apply to every trial. Writes `DIR/results.csv`, `DIR/results.md` and
 `DIR/sweep.png`; `--dry_run` prints the trial commands instead, one a line. Exits with status 1
 unless every trial finished.
+
+`--search=random|tpe --trials=N [--search_seed=S]` draws N trials from the sweep file's search
+space, `--early_stop=asha [--min_epochs=R] [--reduction_factor=3]` pauses them at ASHA's rungs and
+promotes the best (alexnet_jax/search.py; with SLURM, each start and promotion is a job);
+`--dry_run` then prints the first wave's commands.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from alexnet_jax import cli, launchers, trials
+from alexnet_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -33,8 +39,17 @@ def define_flags() -> None:
   flags.DEFINE_integer('seeds', 1, 'Seeds per trial; > 1 adds seed=0..K-1 (from the '
                        "config's seed) to every trial and averages over them.")
   flags.DEFINE_boolean('dry_run', False, 'Print the trial commands, one a line; run none.')
+  flags.DEFINE_string('search', 'grid', 'grid: every trial of the sweep file; random or tpe: '
+                      '--trials draws from its search space (Optuna, seeded by --search_seed).')
+  flags.DEFINE_integer('trials', 0, 'Trials a search draws (0 with --search=grid: all).')
+  flags.DEFINE_integer('search_seed', 0, 'Seed of the draws: the same seed draws the same configs.')
+  flags.DEFINE_string('early_stop', 'none', 'asha: pause trials at rungs of --min_epochs times '
+                      'powers of --reduction_factor and promote the best of each rung.')
+  flags.DEFINE_integer('min_epochs', 1, 'ASHA: the first rung, in epochs.')
+  flags.DEFINE_integer('reduction_factor', 3, 'ASHA: η; the best 1/η of a rung go on.')
   flags.DEFINE_enum('launcher', 'local', ['local', 'slurm'], 'Where trials run: local '
-                    'processes, or SLURM jobs (one job array per sweep, DIR/slurm/).')
+                    'processes, or SLURM jobs (DIR/slurm/: a grid sweep is one job array, each '
+                    "start or promotion of a search's trial one job).")
   flags.DEFINE_string('slurm_partition', None, 'SLURM partition of the trial jobs (default: the '
                       "cluster's default partition).")
   flags.DEFINE_integer('slurm_gpus', 0, 'GPUs per trial (each trial is one process on one node).')
@@ -47,30 +62,48 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
 
 
+def make_launcher() -> launchers.Launcher:
+  """The --launcher the flags ask for: local processes, or SLURM jobs kept in DIR/slurm/."""
+  if FLAGS.launcher == 'local':
+    return launchers.Local(FLAGS.parallel)
+  return launchers.Slurm(os.path.join(FLAGS.workdir, 'slurm'), FLAGS.parallel,
+                         launchers.SlurmResources(
+                             FLAGS.slurm_partition, FLAGS.slurm_gpus, FLAGS.slurm_cpus,
+                             FLAGS.slurm_mem_gb, FLAGS.slurm_time,
+                             options=tuple(FLAGS.slurm_option)))
+
+
 def main(args: list[str]) -> None:
   del args  # none: cli.run refuses them
   config_path = config_flags.get_config_filename(FLAGS['config'])
   base_overrides = config_flags.get_override_values(FLAGS['config'])
+  if FLAGS.search != 'grid' or FLAGS.early_stop != 'none':
+    if FLAGS.seeds != 1:
+      raise ConfigError(f'--seeds={FLAGS.seeds} does not combine with a search; put seed in the '
+                        f'search space (e.g. choice(0, 1, 2)) instead.')
+    from alexnet_jax import search  # Optuna: imported only for searches
+    settings = search.Settings(FLAGS.search, FLAGS.trials, FLAGS.search_seed, FLAGS.early_stop,
+                               FLAGS.min_epochs, FLAGS.reduction_factor, FLAGS.parallel)
+    if not search.run(FLAGS.config, config_path, base_overrides, FLAGS.sweep, FLAGS.workdir,
+                      settings, FLAGS.dry_run, None if FLAGS.dry_run else make_launcher()):
+      raise SystemExit(1)
+    return
+  if FLAGS.trials:
+    raise ConfigError(f'--trials={FLAGS.trials} needs --search=random or tpe (or --early_stop='
+                      f'asha); a grid sweep runs all its trials.')
   trial_list = trials.expand(trials.load_sweep(FLAGS.sweep), FLAGS.seeds, FLAGS.config.seed)
   trials.check_keys(FLAGS.config, trial_list)
   if FLAGS.dry_run:
     for trial in trial_list:
       print(shlex.join(trials.command(trial, config_path, FLAGS.workdir, base_overrides)))
     return
-  launcher = None  # local processes
-  if FLAGS.launcher == 'slurm':
-    launcher = launchers.Slurm(os.path.join(FLAGS.workdir, 'slurm'), FLAGS.parallel,
-                               launchers.SlurmResources(
-                                   FLAGS.slurm_partition, FLAGS.slurm_gpus, FLAGS.slurm_cpus,
-                                   FLAGS.slurm_mem_gb, FLAGS.slurm_time,
-                                   options=tuple(FLAGS.slurm_option)))
   results = trials.run_sweep(trial_list, config_path, FLAGS.workdir, FLAGS.parallel,
-                             base_overrides, launcher=launcher)
+                             base_overrides, launcher=make_launcher())
   if any(r.status != 'done' for r in results):
     raise SystemExit(1)  # the report is written; the status tells scripts that not all finished
 
-
 if __name__ == '__main__':
   cli.run(main, define_flags, 'python -m alexnet_jax.sweep --config=FILE --sweep=FILE '
-          '--workdir=DIR [--parallel=N] [--seeds=K] [--dry_run] [--launcher=local|slurm '
-          '--slurm_FLAG=VALUE ...]')
+          '--workdir=DIR [--parallel=N] [--seeds=K] [--dry_run] [--search=grid|random|tpe '
+          '--trials=N --search_seed=S] [--early_stop=asha --min_epochs=R --reduction_factor=3] '
+          '[--launcher=local|slurm --slurm_FLAG=VALUE ...]')

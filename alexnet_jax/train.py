@@ -49,6 +49,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.on_nonfinite={t.on_nonfinite!r} is unknown; use one of {NONFINITE}.')
   if t.profile_steps < 0:
     raise ConfigError(f'train.profile_steps={t.profile_steps} must be 0 (off) or a number of steps.')
+  if t.pause_at_epoch < 0:
+    raise ConfigError(f'train.pause_at_epoch={t.pause_at_epoch} must be 0 (off) or an epoch.')
   if t.log_every_steps <= 0:
     raise ConfigError(f'train.log_every_steps={t.log_every_steps} must be positive.')
   if t.checkpoint_every_steps < 0 or t.checkpoint_every_steps % t.log_every_steps:
@@ -110,6 +112,13 @@ class Run:
     total = self.config.train.num_epochs * self.steps_per_epoch
     cap = self.config.train.num_train_steps
     return min(total, cap) if cap > 0 else total
+
+  @property
+  def last_step(self) -> int:
+    """Where this start ends: the run's end, or the end of epoch `train.pause_at_epoch` if that
+    comes first (the run is paused there; nothing else depends on it)."""
+    pause = self.config.train.pause_at_epoch * self.steps_per_epoch
+    return min(self.total_steps, pause) if pause > 0 else self.total_steps
 
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
@@ -173,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state = run.experiment.parallel.put_state(state)
       with workdir_lib.StopSignal() as signals, cluster.Stop(
           signals, run.next_log_step, loop.say) as stop:
-        for step in range(start + 1, run.total_steps + 1):
+        for step in range(start + 1, run.last_step + 1):
           state = loop.train_step(step, state, batches)
           epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
           log_now = step % config.train.log_every_steps == 0 or epoch_end
@@ -192,6 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f'{run.epoch(step):.2f}); checkpoint {step} saved in {manager.directory}. '
                      f'Run the same command to resume.')
             break
+        else:
+          if run.last_step < run.total_steps:
+            pause = config.train.pause_at_epoch
+            loop.say((f'Paused at epoch {pause} (train.pause_at_epoch) with checkpoint '
+                      f'{run.last_step}' if start < run.last_step else
+                      f'Checkpoint {start} is at or past epoch {pause} (train.pause_at_epoch)') +
+                     '; run again with a later pause epoch, or 0, to continue.')
   return last_eval
 
 

@@ -7,6 +7,7 @@ Every dict (times every seed) is one trial: `python -m alexnet_jax.main --config
 other and each one resumes from its own checkpoints; alexnet_jax/launchers.py starts them (local
 processes, or SLURM job arrays). A trial is finished when its `done` file exists; a failed one
 gets an `error.txt` holding the error line and is run again (resumed) by the next invocation.
+(`get_sweep()` may also return a search space, which alexnet_jax/search.py draws trials from.)
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def zip(axes: Mapping[str, Sequence[Any]]) -> list[Overrides]:  # pylint: disabl
   return [dict(builtins.zip(axes, values)) for values in builtins.zip(*axes.values())]
 
 
-def load_sweep(path: str) -> list[Overrides]:
-  """Calls `get_sweep()` of the Python file at `path`."""
+def sweep_file_value(path: str) -> Any:
+  """What `get_sweep()` of the Python file at `path` returns (a list of override dicts, or a
+  search space: alexnet_jax/search.py)."""
   spec = importlib.util.spec_from_file_location('sweep_file', path)
   if spec is None or not os.path.isfile(path):
     raise ConfigError(f'--sweep={path} is not a file; pass a configs/sweeps/*.py file.')
@@ -75,6 +77,15 @@ def load_sweep(path: str) -> list[Overrides]:
                       f'file.') from None
   if sweep is None:
     raise ConfigError(f'{path} defines no get_sweep(); it must return a list of override dicts.')
+  return sweep
+
+
+def load_sweep(path: str) -> list[Overrides]:
+  """The list of override dicts that `get_sweep()` of the Python file at `path` returns."""
+  sweep = sweep_file_value(path)
+  if isinstance(sweep, dict):
+    raise ConfigError(f'get_sweep() of {path} returned a search space (a dict); run it with '
+                      f'--search=random or --search=tpe, or return a list of override dicts.')
   if not isinstance(sweep, (list, tuple)) or not all(isinstance(o, dict) for o in sweep):
     raise ConfigError(f'get_sweep() of {path} returned {str(sweep)[:80]}; it must return a list '
                       f'of override dicts.')
@@ -119,16 +130,23 @@ def expand(sweep: Sequence[Overrides], seeds: int = 1, first_seed: int = 0) -> l
   return trials
 
 
+def has_field(config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether `key` (a dotted path such as model.lrn) names a field of `config`."""
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
 def check_keys(config: ml_collections.ConfigDict, trials: Sequence[Trial]) -> None:
   """Raises on an override of a field the config does not have (a typo in the sweep file)."""
   for trial in trials:
     for key in trial.overrides:
-      node = config
-      for part in key.split('.'):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-          raise ConfigError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
-                           'file (fields are dotted paths such as model.lrn).')
-        node = node[part]
+      if not has_field(config, key):
+        raise ConfigError(f'trial {trial.name}: the config has no field {key!r}; fix the sweep '
+                          'file (fields are dotted paths such as model.lrn).')
 
 
 def _override_args(trial: Trial, base_overrides: Mapping[str, Any]) -> list[str]:

@@ -31,7 +31,8 @@ from alexnet_jax.errors import ConfigError
 RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
              'train.num_train_steps', 'train.log_every_steps', 'train.checkpoint_every_steps',
              'train.checkpoint_max_to_keep', 'train.allow_config_change', 'train.on_nonfinite',
-             'train.eval_batch_size', 'train.profile_steps', 'model_parallel')
+             'train.eval_batch_size', 'train.profile_steps', 'model_parallel',
+             'train.pause_at_epoch')
 # Fields of earlier versions that never changed what a run computes (a test hook), so a workdir
 # whose config.json still has them resumes.
 RETIRED = ('train.debug_nan_step',)
@@ -39,7 +40,8 @@ RETIRED = ('train.debug_nan_step',)
 # is read with them filled in, so an older run evaluates, predicts and resumes as it was trained
 # (resuming it with another value is a config change like any other).
 ADDED = {'model.width': 1.0, 'model.init': 'paper', 'model.lrn_scope': 'all',
-         'dataset.eval_resize': 'paper', 'model_parallel': 1, 'dataset.process_reads': 'shard'}
+         'dataset.eval_resize': 'paper', 'model_parallel': 1, 'dataset.process_reads': 'shard',
+         'train.pause_at_epoch': 0}
 # Metrics measured in wall-clock time: the only ones a resumed or repeated run does not reproduce.
 WALL_CLOCK_METRICS = ('images_per_second', 'input_wait_fraction')
 CONFIG = 'config.json'
@@ -206,6 +208,23 @@ class Lock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def is_locked(workdir: str) -> bool:
+  """Whether a live process holds `workdir`'s lock: a run is training there (e.g. a trial that a
+  killed sweep left running). The probe holds a shared lock for an instant, so only ask about a
+  run that is not starting at that moment."""
+  path = os.path.join(workdir, LOCK)
+  if not os.path.exists(path):
+    return False
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)  # drops the probe's lock
 
 
 class MetricLogger:

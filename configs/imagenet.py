@@ -102,6 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.on_nonfinite = 'stop'  # NaN/Inf loss or gradient: 'stop', or 'skip' the update
   c.train.allow_config_change = False  # resume a workdir whose stored config differs
   c.train.profile_steps = 0  # > 0: a jax.profiler trace of this many steps (TensorBoard)
+  # > 0: save and exit (status 0) at the end of this epoch, as if stopped by a signal; the same
+  # command with a later pause epoch (or 0) resumes it bit-identically. A search's early stopping
+  # (alexnet_jax.sweep --early_stop=asha) pauses its trials at their rungs with it.
+  c.train.pause_at_epoch = 0
 
   # Start from another run's parameters (a trained workdir, or convert_torchvision's output)
   # instead of the random init; ignored when the workdir already has a checkpoint to resume.

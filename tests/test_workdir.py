@@ -16,8 +16,10 @@ from conftest import REPO
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+  assert not workdir.is_locked(str(tmp_path))
   with workdir.Lock(str(tmp_path)) as held:
     assert held.acquire() is None  # a fresh workdir: nobody to take over from
+    assert workdir.is_locked(str(tmp_path))
     me = (tmp_path / 'lock').read_text()
     assert me.startswith(f'pid {os.getpid()} on ')
     # Another process (flock is per open file, so a second Lock in this process would do too).
@@ -37,6 +39,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
        f'workdir.Lock({str(tmp_path)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)'],
       cwd=REPO)
   assert dead.wait() == -signal.SIGKILL
+  assert not workdir.is_locked(str(tmp_path))  # its text is there, its flock is not
   with workdir.Lock(str(tmp_path)) as lock:
     note = lock.acquire()
   assert note.startswith(f'Took over {tmp_path / "lock"} from pid {dead.pid} on ')
