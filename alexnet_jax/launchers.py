@@ -67,6 +67,29 @@ class Launcher(Protocol):
   def stop(self, signum: int) -> None: ...
 
 
+class Relay:
+  """A controller's signals: within `with`, SIGINT/SIGTERM are recorded in `received` (the
+  controller stops starting work) and `pass_on()` hands each to the launcher once (local trials
+  save a checkpoint and exit; a detached launcher's SLURM jobs go on without the controller)."""
+
+  def __init__(self, launcher: Launcher):
+    self.launcher, self.received, self._passed = launcher, [], 0
+
+  def __enter__(self) -> 'Relay':
+    self._previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum))
+                      for s in (signal.SIGINT, signal.SIGTERM)}
+    return self
+
+  def pass_on(self) -> None:
+    while len(self.received) > self._passed and not self.launcher.detached:
+      self.launcher.stop(self.received[self._passed])
+      self._passed += 1
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
 _ERROR_LINE = re.compile(r'^(?:[\w.]*(?:Error|Exception|Exit)\b|FATAL\b|error:)')
 
 

@@ -33,7 +33,6 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -409,18 +408,12 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
   starts: local trials get it too (they save and exit); SLURM jobs go on, and the next
   controller finds them in the launcher's records. A local trial that a killed controller left
   running (its workdir's lock is held) counts as running until it ends."""
-  received: list[int] = []
-  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-              for s in (signal.SIGINT, signal.SIGTERM)}
-  passed_on = 0
   launched: dict[str, int] = {}  # trial -> the step it had logged when this controller started it
   held: set[str] = set()  # ended without progress by no failure of its own: left for a rerun
   elsewhere: set[str] = set()
-  try:
+  with launchers.Relay(launcher) as signals:
     while True:
-      while len(received) > passed_on and not launcher.detached:  # each signal, once
-        launcher.stop(received[passed_on])
-        passed_on += 1
+      signals.pass_on()
       statuses = launcher.poll()
       elsewhere = {n for n in elsewhere
                    if workdir_lib.is_locked(os.path.join(search.workdir, n))}
@@ -432,7 +425,7 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
           trial_dir = os.path.join(search.workdir, record.trial.name)
           _judge(search, record, statuses.get(record.trial.name) or launchers.finished(trial_dir),
                  launched, held, log)
-      if received:
+      if signals.received:
         if launcher.detached or not busy:
           return True
       else:
@@ -454,9 +447,6 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
         if not busy:
           return False
       time.sleep(poll_s)
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
 
 
 def _judge(search: Search, record: Record, status: launchers.Status, launched: Mapping[str, int],

@@ -20,7 +20,6 @@ import itertools
 import math
 import os
 import re
-import signal
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -377,19 +376,15 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   log(f'{len(trials) - len(watched)} of {len(trials)} trials already finished; running '
       f'{len(todo)}, {parallel} at a time, in {workdir}' +
       (f'; re-attached to {len(watched) - len(todo)} still queued or running' if live else ''))
-  received, passed_on = [], 0
-  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-              for s in (signal.SIGINT, signal.SIGTERM)}
   reported: set[str] = set()
   statuses: dict[str, launchers.Status] = {}
-  try:
+  with launchers.Relay(launcher) as signals:
+    received = signals.received
     launcher.submit([task(t, config_path, workdir, base_overrides) for t in todo])
     with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
                    disable=not watched) as bar:
       while True:
-        while len(received) > passed_on and not launcher.detached:  # each signal, once
-          launcher.stop(received[passed_on])
-          passed_on += 1
+        signals.pass_on()
         statuses = launcher.poll()
         counts = {state: 0 for state in launchers.STATES}
         for trial in watched:
@@ -407,9 +402,6 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
         if not live_now or (received and launcher.detached):
           break
         time.sleep(poll_s)
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
   logs = {name: s.log for name, s in statuses.items() if s.log and s.state != 'done'}
   results = write_report(trials, workdir, logs)
   failed = [r for r in results if r.status == 'failed']
