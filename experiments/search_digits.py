@@ -13,7 +13,8 @@ at most 45% of its epochs. It also checks, trial by trial, that what ASHA traine
 promoted trials included) equals the same config's uninterrupted run over the epochs both have;
 so ASHA can be replayed exactly on the full-budget curves: with other rungs, and ranking a rung on
 other values than the controller's (validation loss, the best error so far, top-5 error), next
-to each trial's ranks at the rungs.
+to each trial's ranks at the rungs. `--replay_seeds=1,2,3,4` adds those seeds' full-budget
+searches and ASHA replayed on each, to show how often the goal holds on other draws.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -44,6 +45,11 @@ _MIN_EPOCHS = flags.DEFINE_integer('min_epochs', 1, 'ASHA: the first rung, r.')
 _ETA = flags.DEFINE_integer('reduction_factor', 3, 'ASHA: η.')
 _ASHA_DIR = flags.DEFINE_string('asha_workdir', 'runs/search_asha', 'The ASHA search.')
 _FULL_DIR = flags.DEFINE_string('full_workdir', 'runs/search_full', 'The full-budget search.')
+_REPLAY_SEEDS = flags.DEFINE_list(
+    'replay_seeds', [], 'More search seeds: each one\'s full-budget search is run (in '
+    'FULL_WORKDIR_seedS) and ASHA is replayed on its curves, exactly, as the main seed checks.')
+_REPLAY_PARALLEL = flags.DEFINE_integer('replay_parallel', 1,
+                                        'Trials run at the same time in those searches.')
 _OUT = flags.DEFINE_string('out', os.path.join(REPO, 'experiments', 'results', 'search_digits.md'),
                            'Markdown report (and .png beside it).')
 
@@ -180,14 +186,56 @@ def ranks(full: search_report.Report, full_dir: str, at: Sequence[int]) -> list[
   return lines
 
 
-def sweep_command(workdir: str, early: bool, overrides: Sequence[str]) -> list[str]:
+def sweep_command(workdir: str, early: bool, overrides: Sequence[str], seed: int, parallel: int
+                  ) -> list[str]:
   return (['python', '-m', 'alexnet_jax.sweep',
            f'--config={os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO)}',
            f'--sweep={SWEEP}', f'--workdir={workdir}', '--search=random',
-           f'--trials={_TRIALS.value}', f'--search_seed={_SEED.value}',
-           f'--parallel={_PARALLEL.value}'] +
-          ([f'--early_stop=asha', f'--min_epochs={_MIN_EPOCHS.value}',
+           f'--trials={_TRIALS.value}', f'--search_seed={seed}', f'--parallel={parallel}'] +
+          (['--early_stop=asha', f'--min_epochs={_MIN_EPOCHS.value}',
             f'--reduction_factor={_ETA.value}'] if early else []) + list(overrides))
+
+
+def run_search(command: Sequence[str], config, config_path: str, base_overrides, workdir: str,
+               early: bool, seed: int, parallel: int) -> search_report.Report:
+  """Runs (or continues) one search and reads its report."""
+  print(f'$ {shlex.join(command)}', flush=True)
+  subprocess.run([sys.executable] + list(command[1:]), cwd=REPO, check=False)
+  settings = search.Settings('random', _TRIALS.value, seed, 'asha' if early else 'none',
+                             _MIN_EPOCHS.value, _ETA.value, parallel)
+  return search.open_search(config, config_path, base_overrides, os.path.join(REPO, SWEEP),
+                            workdir, settings, search.journal(workdir)).report()
+
+
+def seed_rows(searches: Mapping[int, tuple[search_report.Report, str]], max_epochs: int
+              ) -> list[str]:
+  """Per seed: the full-budget best, ASHA replayed at (r, η) and at r=2, and how much the
+  full-budget trials' errors move between their last two epochs (the noise the goal's 1 pp
+  sits in)."""
+  settings = ((_MIN_EPOCHS.value, _ETA.value), (2, 3))
+  lines = ['| seed | full-budget best (val top-1 %) | ' + ' | '.join(
+      f'ASHA r={r}, η={eta}: pick (%), gap pp, share, goal' for r, eta in settings) +
+           ' | median change of a trial\'s error from epoch ' + f'{max_epochs - 1} to {max_epochs}, pp |',
+           '|---' * (3 + len(settings)) + '|']
+  held = {s: 0 for s in settings}
+  for seed, (report, workdir) in sorted(searches.items()):
+    errors = val_curves(report, workdir, 'val_top1_error')
+    best = min(errors, key=lambda n: (errors[n][max_epochs], n))
+    cells = []
+    for r, eta in settings:
+      epochs, pick, error = replay_row(errors, errors, asha.rungs(r, eta, max_epochs), eta)
+      share = sum(epochs.values()) / (len(errors) * max_epochs)
+      gap = 100 * (error - errors[best][max_epochs])
+      holds = gap <= 1.0 and share <= 0.45
+      held[r, eta] += holds
+      cells.append(f'{pick} ({100 * error:.2f}), {gap:+.2f}, {100 * share:.0f}%, '
+                   f'{"holds" if holds else "misses"}')
+    moves = sorted(abs(c[max_epochs] - c[max_epochs - 1]) for c in errors.values())
+    lines.append(f'| {seed} | {best} ({100 * errors[best][max_epochs]:.2f}) | ' + ' | '.join(cells) +
+                 f' | {100 * moves[len(moves) // 2]:.2f} |')
+  lines += ['', 'The goal holds in ' + '; '.join(
+      f'{held[s]} of {len(searches)} seeds at r={s[0]}, η={s[1]}' for s in settings) + '.']
+  return lines
 
 
 def log_of(workdir: str) -> str:
@@ -207,14 +255,17 @@ def main(argv: Sequence[str]) -> None:
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   reports, commands = {}, {}
   for name, workdir, early in (('asha', _ASHA_DIR.value, True), ('full', _FULL_DIR.value, False)):
-    commands[name] = sweep_command(workdir, early, overrides)
-    print(f'$ {shlex.join(commands[name])}', flush=True)
-    subprocess.run([sys.executable] + commands[name][1:], cwd=REPO, check=False)
-    settings = search.Settings('random', _TRIALS.value, _SEED.value, 'asha' if early else 'none',
-                               _MIN_EPOCHS.value, _ETA.value, _PARALLEL.value)
-    reports[name] = search.open_search(config, config_path, base_overrides,
-                                       os.path.join(REPO, SWEEP), workdir, settings,
-                                       search.journal(workdir)).report()
+    commands[name] = sweep_command(workdir, early, overrides, _SEED.value, _PARALLEL.value)
+    reports[name] = run_search(commands[name], config, config_path, base_overrides, workdir,
+                               early, _SEED.value, _PARALLEL.value)
+  seeds = {}
+  for seed in map(int, _REPLAY_SEEDS.value):
+    workdir = f'{_FULL_DIR.value}_seed{seed}'
+    commands[f'full, seed {seed}'] = sweep_command(workdir, False, overrides, seed,
+                                                   _REPLAY_PARALLEL.value)
+    seeds[seed] = (run_search(commands[f'full, seed {seed}'], config, config_path,
+                              base_overrides, workdir, False, seed, _REPLAY_PARALLEL.value),
+                   workdir)
   table, g = comparison(reports['asha'], reports['full'], _ASHA_DIR.value, _FULL_DIR.value)
   holds = g['gap'] <= 1.0 and g['share'] <= 0.45
   out = _OUT.value
@@ -265,6 +316,13 @@ def main(argv: Sequence[str]) -> None:
       'validation top-1 error there, whatever the promotions ranked on); the gap is its error '
       'minus the full-budget best.', '',
       *replays(reports['full'], reports['asha'], _FULL_DIR.value, config.train.num_epochs), '',
+      *(['## Other search seeds: their full-budget searches, with ASHA replayed', '',
+         'The same benchmark drawn with other `--search_seed`s (the commands above): each '
+         'seed\'s 9 configs trained to the end, and ASHA replayed on their curves as in the table '
+         'above (exact: ASHA trains what the uninterrupted runs train, checked on the main seed). '
+         f'The first row is the main seed, {_SEED.value}.', '',
+         *seed_rows({_SEED.value: (reports['full'], _FULL_DIR.value), **seeds},
+                    config.train.num_epochs), ''] if seeds else []),
       '## Each trial\'s rank at the rungs (full-budget curves)', '',
       'Rank 1 is the best; ties go to the lower trial number, as in the promotions. Sorted by '
       f'the validation top-1 error after epoch {config.train.num_epochs}.', '',
@@ -275,7 +333,7 @@ def main(argv: Sequence[str]) -> None:
     workdir = _ASHA_DIR.value if name == 'asha' else _FULL_DIR.value
     with open(os.path.join(workdir, 'results.md')) as f:
       own = f.read().split('\n', 1)[1].strip()  # without its title
-    text += [f'## {title}: its results.md', '', own, '', f'### Its search_log.txt', '', '```',
+    text += [f'## {title}: its results.md', '', own, '', '### Its search_log.txt', '', '```',
              log_of(workdir), '```', '']
   with open(out, 'w') as f:
     f.write('\n'.join(text))
