@@ -34,6 +34,7 @@ from alexnet_jax.workdir import WALL_CLOCK_METRICS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = 'configs/sweeps/search.py'
+NOTES = '## Notes (written by hand after the run)'
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(REPO, 'configs', 'default.py'), 'Config file (configs/*.py).',
@@ -140,6 +141,20 @@ def replay_row(errors: dict[str, dict[int, float]], ranked_on: dict[str, dict[in
   return epochs, pick, errors[pick][epochs[pick]]
 
 
+def meets_goal(gap: float, share: float) -> bool:
+  """The issue's goal: within 1 pp of the full-budget best, with at most 45% of its epochs."""
+  return gap <= 1.0 and share <= 0.45
+
+
+def against_goal(epochs: dict[str, int], error: float, best_full: float, max_epochs: int
+                 ) -> tuple[float, float, bool]:
+  """(share of the full budget's epochs, gap in pp to the full-budget best, whether the goal
+  holds)."""
+  share = sum(epochs.values()) / (len(epochs) * max_epochs)
+  gap = 100 * (error - best_full)
+  return share, gap, meets_goal(gap, share)
+
+
 def replays(full: search_report.Report, real: search_report.Report, full_dir: str,
             max_epochs: int) -> list[str]:
   """Other rungs, and other values to rank on, replayed: epochs used and the pick against the
@@ -161,11 +176,10 @@ def replays(full: search_report.Report, real: search_report.Report, full_dir: st
     epochs, pick, error = replay_row(errors, signals[name], rungs, eta)
     if (name, r, eta) == (ours, _MIN_EPOCHS.value, _ETA.value):
       assert epochs == real_epochs, (epochs, real_epochs)  # the replay is the real run
-    share = sum(epochs.values()) / (len(errors) * max_epochs)
-    gap = 100 * (error - best_full)
+    share, gap, holds = against_goal(epochs, error, best_full, max_epochs)
     lines.append(f'| {name} | {r} | {eta} | {", ".join(map(str, rungs))} | '
                  f'{sum(epochs.values())} | {100 * share:.0f}% | {pick} | {100 * error:.2f} | '
-                 f'{gap:+.2f} | {"holds" if gap <= 1.0 and share <= 0.45 else "misses"} |')
+                 f'{gap:+.2f} | {"holds" if holds else "misses"} |')
   return lines
 
 
@@ -224,9 +238,7 @@ def seed_rows(searches: Mapping[int, tuple[search_report.Report, str]], max_epoc
     cells = []
     for r, eta in settings:
       epochs, pick, error = replay_row(errors, errors, asha.rungs(r, eta, max_epochs), eta)
-      share = sum(epochs.values()) / (len(errors) * max_epochs)
-      gap = 100 * (error - errors[best][max_epochs])
-      holds = gap <= 1.0 and share <= 0.45
+      share, gap, holds = against_goal(epochs, error, errors[best][max_epochs], max_epochs)
       held[r, eta] += holds
       cells.append(f'{pick} ({100 * error:.2f}), {gap:+.2f}, {100 * share:.0f}%, '
                    f'{"holds" if holds else "misses"}')
@@ -267,7 +279,7 @@ def main(argv: Sequence[str]) -> None:
                               base_overrides, workdir, False, seed, _REPLAY_PARALLEL.value),
                    workdir)
   table, g = comparison(reports['asha'], reports['full'], _ASHA_DIR.value, _FULL_DIR.value)
-  holds = g['gap'] <= 1.0 and g['share'] <= 0.45
+  holds = meets_goal(g['gap'], g['share'])
   out = _OUT.value
   figure = os.path.splitext(out)[0] + '.png'
   fig, axes = curves.plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
@@ -335,8 +347,13 @@ def main(argv: Sequence[str]) -> None:
       own = f.read().split('\n', 1)[1].strip()  # without its title
     text += [f'## {title}: its results.md', '', own, '', '### Its search_log.txt', '', '```',
              log_of(workdir), '```', '']
+  if os.path.exists(out):  # notes written by hand after a run are kept
+    with open(out) as f:
+      kept = f.read().partition(NOTES)
+    if kept[1]:
+      text += [kept[1] + kept[2]]
   with open(out, 'w') as f:
-    f.write('\n'.join(text))
+    f.write('\n'.join(text).rstrip('\n') + '\n')
   print(f'wrote {out} and {figure}')
 
 
