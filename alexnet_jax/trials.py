@@ -379,7 +379,6 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   reported: set[str] = set()
   statuses: dict[str, launchers.Status] = {}
   with launchers.Relay(launcher) as signals:
-    received = signals.received
     launcher.submit([task(t, config_path, workdir, base_overrides) for t in todo])
     with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
                    disable=not watched) as bar:
@@ -399,7 +398,7 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
             bar.write(_ended_line(trial, status, result, workdir, len(reported), len(watched)))
         bar.set_postfix({state: n for state, n in counts.items() if n})
         live_now = counts['queued'] + counts['running']
-        if not live_now or (received and launcher.detached):
+        if not live_now or (signals.received and launcher.detached):
           break
         time.sleep(poll_s)
   logs = {name: s.log for name, s in statuses.items() if s.log and s.state != 'done'}
@@ -408,7 +407,7 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   done = [r for r in results if r.status == 'done']
   log(f'{len(done)} finished, {len(failed)} failed, {len(results) - len(done) - len(failed)} '
       f'unfinished; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
-  if received:
+  if signals.received:
     running = sum(s.state in launchers.LIVE for s in statuses.values())
     log('Stopped by a signal; ' + (f'{running} trials go on queued or running on SLURM: run the '
                                    f'same command to re-attach to them and resume the rest.'
