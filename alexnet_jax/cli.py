@@ -6,7 +6,7 @@ with `cli.run(main, define_flags, usage)`. Every mistake a user can fix is one l
 `error: <what is wrong and how to fix it>`, and exit status 1; never a traceback, never absl's
 help dump: an ill-typed flag value, a `--config` file that cannot be loaded, a `--config.x`
 naming no field or a tuple field given as `a,b`, a `ConfigError` or `TrainingStopped` raised by
-`main`; a command line of the wrong shape (an unknown flag, a required one missing, the wrong
+`main` (an `Interrupted` is the same line with exit status 75: alexnet_jax/errors.py); a command line of the wrong shape (an unknown flag, a required one missing, the wrong
 number of positional arguments, a `UsageError` from `main`) adds `; usage: <usage>`.
 """
 
@@ -19,7 +19,7 @@ from typing import Callable, NoReturn
 
 from absl import app, flags, logging
 
-from alexnet_jax.errors import ConfigError, TrainingStopped
+from alexnet_jax.errors import EXIT_INTERRUPTED, ConfigError, Interrupted, TrainingStopped
 
 
 class UsageError(ConfigError):
@@ -56,6 +56,9 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], usa
       _usage_error(str(e), usage)
     except (ConfigError, TrainingStopped) as e:
       sys.exit(f'error: {e}')
+    except Interrupted as e:  # not the config's fault: the same command resumes (errors.py)
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
 
   app.run(program, flags_parser=parse)
 

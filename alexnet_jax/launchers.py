@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from alexnet_jax.errors import ConfigError
 
-STATES = ('queued', 'running', 'done', 'failed', 'stopped')
+STATES = ('queued', 'running', 'done', 'failed', 'interrupted', 'stopped')
 LIVE = STATES[:2]  # the launcher still has them
 
 
@@ -52,9 +52,10 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Status:
-  state: str  # 'queued', 'running', 'done', 'failed' or 'stopped'
-  error: str = ''  # 'failed': the error line
+  state: str  # one of STATES
+  error: str = ''  # 'failed', 'interrupted': the error line
   log: str = ''  # the launcher's own log of the task (SLURM: the job's output file), if any
+  reason: str = ''  # 'queued': why it waits, if the launcher knows (SLURM: squeue's reason)
 
 
 class Launcher(Protocol):
