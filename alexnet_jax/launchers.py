@@ -6,18 +6,27 @@ A `Task` is one command run in its own directory. A launcher
     launcher.submit(tasks)   starts (or queues) them now; callable again at any time, with any
                              tasks (a search submits one trial at a time)
     launcher.poll()          {task name: Status} of every task it knows, with no waiting: those
-                             submitted through it and (SLURM) through an earlier controller on the
-                             same directory, re-attached from its records
-    launcher.stop(signum)    a signal reached the controller: local tasks get it too (they save a
-                             checkpoint and exit) and no queued one starts; SLURM jobs go on
+                             submitted through it, those it adopted, and (SLURM) those submitted
+                             through an earlier controller on the same directory, re-attached
+                             from its records
+    launcher.adopt(tasks)    the names of those tasks whose command an earlier controller started
+                             and that still run (local processes that outlived a killed
+                             controller): polled, and sent signals, as if submitted here
+    launcher.stop(signum)    a signal reached the controller: local tasks get it once (they save
+                             a checkpoint and exit) and no queued one starts; SLURM jobs go on
+    launcher.stopping        set by the controller's `Relay` the moment a signal arrives
     launcher.detached        whether its tasks go on without the controller (SLURM: True)
 
-A task's states: 'queued', 'running', 'done' (its command exited 0: a sweep's trial finished,
-a search's trial run to a rung paused), 'failed' (it exited
-otherwise; `Status.error` is the line that says why) and 'stopped' (a signal ended it before it
-finished, or its job is gone without a word: it resumes when submitted again). What the task
-wrote is in its directory, which is what `poll` reads once a task is not queued or running:
-`log.txt` (the command's output, appended), `done` (exited 0) or `error.txt` (the error line).
+A task's states: 'queued', 'running', and how it ended (alexnet_jax/errors.py says how a run
+reports each): 'done' (exit 0: a sweep's trial finished, a search's trial paused at its rung),
+'failed' (its config is the cause: a `ConfigError`, a non-finite stop, an exception, or the same
+interruption twice in a row; `Status.error` is its error line; it runs again only when asked),
+'interrupted' (a cause outside its config: SIGKILL from the OOM killer, a full disk, a lost lock
+race, a SLURM job that ended without a word; it resumes when submitted again) and 'stopped' (a
+signal stopped it, or it ended with no verdict recorded: it resumes when submitted again). What
+the task wrote is in its directory, which `poll` reads once a task is not queued or running:
+`log.txt` (the command's output, appended), `done`, `error.txt` or `interrupted.txt` (the
+error line), and `launched.json` (the pid of its running command).
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import uuid
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import EXIT_INTERRUPTED, STOPPED, ConfigError
 
 STATES = ('queued', 'running', 'done', 'failed', 'interrupted', 'stopped')
 LIVE = STATES[:2]  # the launcher still has them
@@ -60,26 +70,57 @@ class Status:
 
 class Launcher(Protocol):
   detached: bool
+  stopping: bool
 
   def submit(self, tasks: Sequence[Task]) -> None: ...
 
   def poll(self) -> dict[str, Status]: ...
 
+  def adopt(self, tasks: Sequence[Task]) -> set[str]: ...
+
   def stop(self, signum: int) -> None: ...
 
 
+# What ends a controller, a trial or a run: Ctrl-C, `kill`/SLURM's notice, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def leave_terminal() -> None:
+  """After SIGHUP the terminal is gone and writing to it fails (EIO), which would end a process
+  before it saves or reports: its output goes to /dev/null instead."""
+  null = None
+  for fd in (1, 2):
+    try:
+      if os.isatty(fd):
+        null = os.open(os.devnull, os.O_WRONLY) if null is None else null
+        os.dup2(null, fd)
+    except OSError:
+      pass  # that descriptor is closed already: nothing to write to
+  if null is not None:
+    os.close(null)
+
+
 class Relay:
-  """A controller's signals: within `with`, SIGINT/SIGTERM are recorded in `received` (the
-  controller stops starting work) and `pass_on()` hands each to the launcher once (local trials
-  save a checkpoint and exit; a detached launcher's SLURM jobs go on without the controller)."""
+  """A controller's signals: within `with`, each stop signal is recorded in `received` and sets
+  `launcher.stopping` at once (the controller stops starting work, a SLURM launcher stops
+  retrying); `pass_on()` hands each to the launcher once, from the controller's loop (local
+  trials save a checkpoint and exit; a detached launcher's SLURM jobs go on without the
+  controller). Trials run in their own sessions, so this relay is the only way a terminal's
+  Ctrl-C reaches them: one keystroke, one stop."""
 
   def __init__(self, launcher: Launcher):
     self.launcher, self.received, self._passed = launcher, [], 0
 
   def __enter__(self) -> 'Relay':
-    self._previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum))
-                      for s in (signal.SIGINT, signal.SIGTERM)}
+    self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
     return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if signum == signal.SIGHUP:
+      leave_terminal()
+    self.received.append(signum)
+    self.launcher.stopping = True
 
   def pass_on(self) -> None:
     while len(self.received) > self._passed and not self.launcher.detached:
@@ -110,53 +151,129 @@ def error_path(directory: str) -> str:
   return os.path.join(directory, 'error.txt')
 
 
+def interrupted_path(directory: str) -> str:
+  return os.path.join(directory, 'interrupted.txt')
+
+
+def _launched_path(directory: str) -> str:
+  return os.path.join(directory, 'launched.json')
+
+
+def _read(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except FileNotFoundError:
+    return None
+
+
 def finished(directory: str) -> Status:
   """A task that is not queued nor running, from what it left in its directory."""
   if os.path.exists(done_path(directory)):
     return Status('done')
-  if os.path.exists(error_path(directory)):
-    with open(error_path(directory)) as f:
-      return Status('failed', f.read().strip())
+  for state, path in (('failed', error_path), ('interrupted', interrupted_path)):
+    text = _read(path(directory))
+    if text is not None:
+      return Status(state, text)
   return Status('stopped')
 
 
 def _clear(task: Task) -> None:
-  """Before a (re)start: the task's earlier verdict no longer holds."""
+  """Before a (re)start: the task's earlier verdict no longer holds (`run_task` reads an earlier
+  interruption itself)."""
   for path in (done_path(task.directory), error_path(task.directory)):
     if os.path.exists(path):
       os.remove(path)
 
 
+def _start_time(pid: int) -> str | None:
+  """When process `pid` started (clock ticks since boot, /proc/PID/stat's field 22): with the
+  pid, it names one process, not a later one that reuses the pid. None if there is none."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def alive(directory: str) -> int | None:
+  """The pid of the task's command if it still runs on this host (an earlier controller started
+  it and was killed), else None."""
+  try:
+    with open(_launched_path(directory)) as f:
+      launched = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if launched.get('host') != socket.gethostname():
+    return None
+  pid = launched.get('pid')
+  return pid if _start_time(pid) == launched.get('start') else None
+
+
+def _verdict(returncode: int, output: str, stopped: bool, previous: str | None) -> Status:
+  """How a task's command ended (alexnet_jax/errors.py: how a run says it)."""
+  if stopped or (returncode == 0 and any(line.startswith(STOPPED)
+                                         for line in output.splitlines())):
+    return Status('stopped')
+  if returncode == 0:
+    return Status('done')
+  if returncode < 0:  # killed: the OOM killer, kill -9, a node going down
+    name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else '?'
+    return Status('interrupted', f'killed by {name} (exit code {returncode})')
+  error = error_line(output, returncode)
+  if returncode != EXIT_INTERRUPTED:
+    return Status('failed', error)
+  if error == previous:  # no progress between the two (the line names where it stopped)
+    return Status('failed', f'{error} (the same interruption twice in a row)')
+  return Status('interrupted', error)
+
+
 def run_task(task: Task, stopped: Callable[[], bool],
              started: Callable[[subprocess.Popen], None] = lambda process: None) -> Status:
   """Runs the task's command to its end, its output appended to `log.txt`, and records how it
-  ended: `done` (exit 0), `error.txt` (its error line), or nothing when `stopped()` says a
-  signal ended it first. `started` receives the process (to pass signals on)."""
+  ended (`_verdict`): `done`, `error.txt` or `interrupted.txt` (its error line), or nothing when
+  it was stopped (`stopped()`: a signal reached whoever runs it). The command runs in a session
+  of its own, so a terminal's signals reach only the controller, which passes them on
+  (`started` receives the process for that)."""
   os.makedirs(task.directory, exist_ok=True)
+  previous = _read(interrupted_path(task.directory))  # the last start's interruption
+  if previous is not None:
+    os.remove(interrupted_path(task.directory))
   log_path = os.path.join(task.directory, 'log.txt')
   command = [sys.executable, *task.command[1:]] if task.command[0] == 'python' else task.command
   with open(log_path, 'a') as log:
     log.write(f'$ {shlex.join(task.command)}\n')
     log.flush()
+    begin = log.tell()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={'TF_CPP_MIN_LOG_LEVEL': '3', **os.environ})
+                               env={'TF_CPP_MIN_LOG_LEVEL': '3', **os.environ},
+                               start_new_session=True)
+    _write(_launched_path(task.directory), json.dumps(
+        {'pid': process.pid, 'start': _start_time(process.pid), 'host': socket.gethostname()}))
     started(process)
     returncode = process.wait()
-  if stopped():  # neither finished nor failed: the next start resumes it
-    return Status('stopped')
-  if returncode == 0:
-    open(done_path(task.directory), 'w').close()
-    return Status('done')
   with open(log_path) as f:
-    f.seek(max(0, os.path.getsize(log_path) - 20_000))
-    error = error_line(f.read(), returncode)
-  with open(error_path(task.directory), 'w') as f:
-    f.write(error + '\n')
-  return Status('failed', error)
+    f.seek(max(begin, os.path.getsize(log_path) - 20_000))
+    status = _verdict(returncode, f.read(), stopped(), previous)
+  path = {'done': done_path, 'failed': error_path, 'interrupted': interrupted_path}.get(
+      status.state)
+  if path is not None:
+    _write(path(task.directory), status.error + '\n' if status.error else '')
+  os.remove(_launched_path(task.directory))
+  return status
+
+
+def _write(path: str, text: str) -> None:
+  """Whole or not at all: a kill leaves the old file or the new one."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 class Local:
-  """Tasks as child processes, `parallel` at a time, in submission order."""
+  """Tasks as child processes, `parallel` at a time, in submission order; and processes an
+  earlier controller started (`adopt`)."""
 
   detached = False
 
@@ -167,42 +284,65 @@ class Local:
     self.lock = threading.Lock()
     self.statuses: dict[str, Status] = {}
     self.processes: set[subprocess.Popen] = set()
+    self.adopted: dict[str, str] = {}  # task name: its directory
+    self.signals: list[int] = []  # passed on, in order: a process started later gets them too
     self.stopping = False
 
   def submit(self, tasks: Sequence[Task]) -> None:
     for task in tasks:
       _clear(task)
       with self.lock:
+        self.adopted.pop(task.name, None)
         self.statuses[task.name] = Status('queued')
       self.pool.submit(self._run, task)
 
+  def adopt(self, tasks: Sequence[Task]) -> set[str]:
+    names = {task.name for task in tasks if alive(task.directory)}
+    with self.lock:
+      self.adopted.update({t.name: t.directory for t in tasks if t.name in names})
+    return names
+
   def _run(self, task: Task) -> None:
-    with self.lock:
-      if self.stopping:
-        self.statuses[task.name] = Status('stopped')
-        return
-      self.statuses[task.name] = Status('running')
-    status = run_task(task, lambda: self.stopping, self._started)
-    with self.lock:
-      self.processes.difference_update(p for p in list(self.processes) if p.poll() is not None)
-      self.statuses[task.name] = status
+    status = Status('stopped')
+    try:
+      with self.lock:
+        if self.stopping:
+          return
+        self.statuses[task.name] = Status('running')
+      status = run_task(task, lambda: self.stopping, self._started)
+    except Exception as e:  # its directory gone, a fork refused: the task ends all the same
+      status = Status('interrupted', f'the launcher could not run it: {type(e).__name__}: {e}')
+    finally:
+      with self.lock:
+        self.processes.difference_update(p for p in list(self.processes) if p.poll() is not None)
+        self.statuses[task.name] = status
 
   def _started(self, process: subprocess.Popen) -> None:
     with self.lock:
       self.processes.add(process)
-      if self.stopping:  # the signal came while it started
-        process.send_signal(signal.SIGTERM)
+      for signum in self.signals:  # those that came while it started
+        process.send_signal(signum)
 
   def poll(self) -> dict[str, Status]:
     with self.lock:
-      return dict(self.statuses)
+      adopted = dict(self.adopted)
+      statuses = dict(self.statuses)
+    for name, directory in adopted.items():
+      statuses[name] = Status('running') if alive(directory) else finished(directory)
+    return statuses
 
   def stop(self, signum: int) -> None:
     with self.lock:
       self.stopping = True
+      self.signals.append(signum)
       for process in self.processes:
         if process.poll() is None:
           process.send_signal(signum)
+      adopted = list(self.adopted.values())
+    for directory in adopted:
+      pid = alive(directory)
+      if pid is not None:
+        os.kill(pid, signum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +389,7 @@ class Slurm:
   """
 
   detached = True
+  stopping = False
 
   def __init__(self, directory: str, parallel: int, resources: SlurmResources):
     check_slurm()
@@ -337,6 +478,10 @@ class Slurm:
     array = ids[0].split('_')[0]
     return [array] if count == 1 else [f'{array}_{k}' for k in range(count)]
 
+  def adopt(self, tasks: Sequence[Task]) -> set[str]:
+    del tasks  # `poll` re-attaches to every job its records name
+    return set()
+
   def stop(self, signum: int) -> None:
     del signum  # the jobs go on; the same command re-attaches to them
 
@@ -348,7 +493,7 @@ def run_in_job(task: Task) -> None:
   again (--requeue) or is submitted again. A failed command fails the job too."""
   received = []
   previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-              for s in (signal.SIGTERM, signal.SIGINT)}
+              for s in STOP_SIGNALS}
   try:
     status = run_task(task, lambda: bool(received))
   finally:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -203,7 +204,14 @@ class Record:
 
   @property
   def failed(self) -> bool:
-    return self.frozen.state == optuna.trial.TrialState.FAIL
+    """Its config failed it (`Search.fail`; FAIL in the journals of earlier versions)."""
+    return (self.frozen.state == optuna.trial.TrialState.FAIL or
+            bool(self.frozen.user_attrs.get('error')))
+
+  @property
+  def live(self) -> bool:
+    """Neither finished nor failed: it trains, waits at its rung, or waits to resume."""
+    return self.frozen.state == optuna.trial.TrialState.RUNNING and not self.failed
 
 
 class Search:
@@ -244,12 +252,19 @@ class Search:
     return trials.command(dataclasses.replace(trial, overrides={**trial.overrides, **pause}),
                           self.config_path, self.workdir, self.base_overrides)
 
+  def task(self, trial: SearchTrial, target: int) -> launchers.Task:
+    """The start of `trial` that trains it to epoch `target`, as a launcher's task."""
+    return launchers.Task(trial.name, self.command(trial, target),
+                          os.path.join(self.workdir, trial.name))
+
   def records(self) -> list[Record]:
     out = []
     for frozen in self.study.get_trials(deepcopy=False):
       if frozen.state == optuna.trial.TrialState.WAITING:
         continue  # drawn but not asked (a run killed between the two): the next ask takes it
-      trial = _trial(frozen.number, self.space.overrides(frozen.params))
+      # The enqueued draw fills any parameter whose record a torn journal lost (`open_journal`).
+      params = {**frozen.system_attrs.get('fixed_params', {}), **frozen.params}
+      trial = _trial(frozen.number, self.space.overrides(params))
       errors, top5, step = {}, {}, 0
       trial_dir = os.path.join(self.workdir, trial.name)
       if os.path.exists(os.path.join(trial_dir, 'metrics.jsonl')):
@@ -307,7 +322,7 @@ class Search:
   def sync(self, record: Record) -> None:
     """Tells the journal what the trial's directory says: each epoch's validation error, and
     that it is complete when it reached the last epoch."""
-    handle = optuna.trial.Trial(self.study, record.frozen._trial_id)
+    handle = self._handle(record)
     for epoch, error in record.errors.items():
       if epoch not in record.frozen.intermediate_values:
         handle.report(error, epoch)
@@ -316,35 +331,88 @@ class Search:
       trials.write_hparams(trials.collect(record.trial, self.workdir), self.workdir)
 
   def fail(self, record: Record, error: str) -> None:
-    optuna.trial.Trial(self.study, record.frozen._trial_id).set_user_attr('error', error)
-    self.study.tell(record.frozen.number, state=optuna.trial.TrialState.FAIL)
+    """Marks the trial failed: an attribute, not Optuna's FAIL, which no later run could undo
+    (`retry`)."""
+    self._handle(record).set_user_attr('error', error)
+
+  def retry(self, record: Record) -> None:
+    """A failed trial runs again (--retry_failed): it resumes from its checkpoints."""
+    self._handle(record).set_user_attr('error', '')
+    error_txt = launchers.error_path(os.path.join(self.workdir, record.trial.name))
+    if os.path.exists(error_txt):
+      os.remove(error_txt)
+
+  def _handle(self, record: Record) -> optuna.trial.Trial:
+    return optuna.trial.Trial(self.study, record.frozen._trial_id)
 
   def next_start(self, records: Sequence[Record], busy: set[str]
                  ) -> tuple[SearchTrial, int, str] | None:
     """(trial, epoch to train to, why) of the next start for a free slot: a trial short of its
     rung (it resumes), else ASHA's promotion, else a new trial while the budget lasts."""
-    live = [r for r in records if r.frozen.state == optuna.trial.TrialState.RUNNING]
-    for r in live:
-      if r.trial.name not in busy and r.reached < r.target:
+    for r in records:
+      if r.live and r.trial.name not in busy and r.reached < r.target:
         return r.trial, r.target, 'resumes' if r.errors else 'starts'
     progress = {r.trial.number: asha.Progress(
-        r.target, r.errors, r.frozen.state == optuna.trial.TrialState.RUNNING and
-        r.trial.name not in busy and r.reached >= r.target) for r in records}
+        r.target, r.errors, r.live and r.trial.name not in busy and r.reached >= r.target)
+        for r in records}
     promoted = asha.promotion(progress, self.rungs, self.settings.eta)
     if promoted:
       number, target = promoted
       record = next(r for r in records if r.trial.number == number)
-      optuna.trial.Trial(self.study, record.frozen._trial_id).set_user_attr('epochs', target)
+      self._handle(record).set_user_attr('epochs', target)
       return record.trial, target, f'promoted to epoch {target}'
     if len(records) < self.budget:
       return self.ask(records), self.rungs[0], 'starts'
     return None
 
 
-def journal(workdir: str) -> optuna.storages.JournalStorage:
-  """The search's Optuna storage: `workdir/search_journal.log`."""
-  return optuna.storages.JournalStorage(
-      optuna.storages.journal.JournalFileBackend(os.path.join(workdir, JOURNAL)))
+def journal(workdir: str, say: Callable[[str], None] = print) -> optuna.storages.JournalStorage:
+  """The search's Optuna storage, `workdir/search_journal.log`, its damage dealt with first.
+  Call it holding the directory's lock: nobody else writes the journal then."""
+  path = os.path.join(workdir, JOURNAL)
+  repair_journal(path, say)
+  from optuna.storages.journal._file import LOCK_FILE_SUFFIX  # its name for the file lock
+  if os.path.lexists(path + LOCK_FILE_SUFFIX):  # left by a killed controller: Optuna would wait
+    os.remove(path + LOCK_FILE_SUFFIX)
+  return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+
+
+def repair_journal(path: str, say: Callable[[str], None]) -> None:
+  """A record cut short at the end of the journal (a kill or a full disk mid-append) is dropped,
+  with one line saying what it was: the trials' directories hold what it said, and the search
+  writes it again (epochs, verdicts, promotions) or asks the trial again (same draw). A damaged
+  record anywhere else is a ConfigError naming its line."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb') as f:
+    data = f.read()
+  lines = data.split(b'\n')
+  torn = lines.pop()  # after the last newline: b'' unless the last append was cut short
+  for number, line in enumerate(lines, 1):
+    try:
+      json.loads(line)
+    except ValueError as e:
+      raise ConfigError(f'{path} line {number} is damaged ({e}; it begins {line[:60]!r}): not '
+                        f'the last record, so not a cut-short append; restore the file from a '
+                        f'copy, or use a fresh --workdir.') from None
+  if not torn:
+    return
+  try:
+    json.loads(torn)
+    with open(path, 'ab') as f:  # a whole record whose newline was lost: keep it
+      f.write(b'\n')
+    return
+  except ValueError:
+    pass
+  from optuna.storages.journal._storage import JournalOperation  # the records' kinds
+  op = re.search(rb'"op_code":\s*(\d+)', torn)
+  kinds = {o.value: o.name.lower() for o in JournalOperation}
+  what = kinds.get(int(op.group(1)), 'a record') if op else 'a record'
+  with open(path, 'r+b') as f:
+    f.truncate(len(data) - len(torn))
+  say(f'warning: the last record of {path} was cut short (a kill or a full disk while it was '
+      f'written) and is dropped: {what}, {len(torn)} bytes; the trials\' directories tell what '
+      f'it said.')
 
 
 def open_search(config: ml_collections.ConfigDict, config_path: str,
@@ -360,11 +428,11 @@ def open_search(config: ml_collections.ConfigDict, config_path: str,
 def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Mapping[str, Any],
         sweep_path: str, workdir: str, settings: Settings, dry_run: bool = False,
         launcher: launchers.Launcher | None = None, log: Callable[[str], None] = print,
-        poll_s: float = 0.5) -> bool:
+        poll_s: float = 0.5, retry_failed: bool = False) -> bool:
   """Runs (or continues) the search in `workdir` with `launcher` (default: local processes),
   then writes its report; with `dry_run` prints the first wave's commands instead. What it says
-  also goes, time-stamped, to `workdir/search_log.txt`. Returns whether it ended with no trial
-  failed or unfinished."""
+  also goes, time-stamped, to `workdir/search_log.txt`. Failed trials run again only with
+  `retry_failed`. Returns whether it ended with every trial done or paused at its rung."""
   if dry_run:
     for args in open_search(config, config_path, base_overrides, sweep_path, workdir,
                             settings).first_wave():
@@ -384,11 +452,21 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
     if lock.acquire():
       say(f'A search controller in {workdir} ended without releasing it; continuing its search.')
     search = open_search(config, config_path, base_overrides, sweep_path, workdir, settings,
-                         journal(workdir))
+                         journal(workdir, say))
     records = search.records()
     trials.check_stored_configs([r.trial for r in records], config_path, workdir, base_overrides)
-    say(f'{settings.search} search in {workdir}: {len(records)} of {search.budget} trials drawn; '
-        f'rungs at epochs {", ".join(map(str, search.rungs))}; {settings.parallel} at a time')
+    failed = [r for r in records if r.failed]
+    for record in failed if retry_failed else []:
+      if record.frozen.state == optuna.trial.TrialState.FAIL:
+        say(f'{record.trial.name} failed in a journal of an earlier version, which cannot undo '
+            f'that; it stays failed.')
+      else:
+        search.retry(record)
+        say(f'{record.trial.name} runs again (--retry_failed); it failed with: '
+            f'{record.frozen.user_attrs["error"]}')
+    say(f'{settings.search} search in {workdir}: {len(records)} of {search.budget} trials drawn'
+        f'{f", {len(failed)} failed (--retry_failed runs them again)" if failed and not retry_failed else ""}'
+        f'; rungs at epochs {", ".join(map(str, search.rungs))}; {settings.parallel} at a time')
     stopped = control(search, launcher, settings.parallel, say, poll_s)
   results = search_report.write(search.report(), workdir)
   counts = {s: sum(r.status == s for r in results) for s in search_report.STATUSES}
@@ -398,20 +476,27 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
     say('Stopped by a signal; ' + ('its SLURM jobs go on: run the same command to re-attach to '
                                    'them and continue the search.' if launcher.detached else
                                    'run the same command to continue the search.'))
-  return not stopped and not counts['failed'] and counts['done'] + counts['paused'] == len(results)
+  elif counts['interrupted'] or counts['unfinished']:
+    say('Some trials were interrupted or stopped (results.md says why): run the same command to '
+        'resume them.')
+  return not stopped and counts['done'] + counts['paused'] == len(results)
 
 
 def control(search: Search, launcher: launchers.Launcher, parallel: int,
             log: Callable[[str], None], poll_s: float = 0.5) -> bool:
   """Starts, resumes and promotes trials, each start one task of `launcher`, `parallel` at a
   time, until no start is left; returns whether a signal stopped it. On a signal nothing more
-  starts: local trials get it too (they save and exit); SLURM jobs go on, and the next
+  starts: local trials get it once (they save and exit); SLURM jobs go on, and the next
   controller finds them in the launcher's records. A local trial that a killed controller left
-  running (its workdir's lock is held) counts as running until it ends."""
+  running is adopted: it counts as running until it ends, and gets this controller's signals."""
   launched: dict[str, int] = {}  # trial -> the step it had logged when this controller started it
-  held: set[str] = set()  # ended without progress by no failure of its own: left for a rerun
-  elsewhere: set[str] = set()
+  held: set[str] = set()  # ended short of its rung by no fault of its config: left for a rerun
+  elsewhere: set[str] = set()  # running from a start that nobody here knows (its lock is held)
   with launchers.Relay(launcher) as signals:
+    records = search.records()
+    for name in sorted(launcher.adopt([search.task(r.trial, r.target) for r in records
+                                       if r.live])):
+      log(f'{name}: still running from an earlier controller; waiting for it')
     while True:
       signals.pass_on()
       statuses = launcher.poll()
@@ -420,8 +505,7 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
       busy = {n for n, s in statuses.items() if s.state in launchers.LIVE} | elsewhere
       records = search.records()
       for record in records:
-        if (record.frozen.state == optuna.trial.TrialState.RUNNING and
-            record.trial.name not in busy):
+        if record.live and record.trial.name not in busy:
           trial_dir = os.path.join(search.workdir, record.trial.name)
           _judge(search, record, statuses.get(record.trial.name) or launchers.finished(trial_dir),
                  launched, held, log)
@@ -434,16 +518,15 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
           if start is None:
             break
           trial, target, why = start
-          trial_dir = os.path.join(search.workdir, trial.name)
           busy.add(trial.name)
-          if workdir_lib.is_locked(trial_dir):
+          if workdir_lib.is_locked(os.path.join(search.workdir, trial.name)):
             log(f'{trial.name}: still running from an earlier controller; waiting for it')
             elsewhere.add(trial.name)
             continue
           log(f'{trial.name} {why}: {" ".join(f"{k}={v}" for k, v in trial.overrides.items())}'
               f'{f", to epoch {target}" if why == "starts" and target < search.max_epochs else ""}')
           launched[trial.name] = next((r.step for r in records if r.trial.name == trial.name), 0)
-          launcher.submit([launchers.Task(trial.name, search.command(trial, target), trial_dir)])
+          launcher.submit([search.task(trial, target)])
         if not busy:
           return False
       time.sleep(poll_s)
@@ -453,9 +536,10 @@ def _judge(search: Search, record: Record, status: launchers.Status, launched: M
            held: set[str], log: Callable[[str], None]) -> None:
   """Reads a trial that is not running into the journal: its epochs, and that it finished or
   failed. A trial that exited 0 short of its rung with no step trained since this controller
-  started it fails (it would start again and again); one that ended so by a signal or a
-  cancelled job is held (the next run of the search resumes it); one that made progress, paused
-  at its rung or stopped part-way (pre-empted), waits for its next start."""
+  started it fails (it would start again and again); one interrupted (a cause outside its
+  config), or stopped short of its rung with no progress (a signal, a cancelled job), is held:
+  the next run of the search resumes it; one that made progress, paused at its rung or stopped
+  part-way (pre-empted), waits for its next start."""
   name = record.trial.name
   trial_dir = os.path.join(search.workdir, name)
   stalled = record.reached < record.target and record.step <= launched.get(name, -1)
@@ -465,11 +549,13 @@ def _judge(search: Search, record: Record, status: launchers.Status, launched: M
     error = f'exit code 0 at step {record.step} with no progress, short of its rung'
     workdir_lib.write_atomic(launchers.error_path(trial_dir), error + '\n')
   else:
-    if stalled and name not in held:
+    if (status.state == 'interrupted' or stalled) and name not in held:
       held.add(name)
-      log(f'{name}: ended at step {record.step} with no progress, short of its rung '
-          f'({status.state}{f"; SLURM log: {status.log}" if status.log else ""}); run the same '
-          f'command to resume it')
+      why = (f'interrupted ({status.error})' if status.state == 'interrupted' else
+             f'ended with no progress, short of its rung ({status.state})')
+      log(f'{name}: {why} at step {record.step}'
+          f'{f"; SLURM log: {status.log}" if status.log else ""}; run the same command to '
+          f'resume it')
     search.sync(record)
     if record.reached >= search.max_epochs:
       log(f'{name}: done, val top-1 error {100 * record.errors[search.max_epochs]:.2f}% after '
@@ -488,8 +574,10 @@ def _result(search: Search, record: Record) -> search_report.Result:
   elif record.reached >= record.target:
     status = 'paused'
   else:
-    status = 'unfinished'
+    ended = launchers.finished(os.path.join(search.workdir, record.trial.name))
+    status = 'interrupted' if ended.state == 'interrupted' else 'unfinished'
+  error = (record.frozen.user_attrs.get('error', '') if record.failed else
+           ended.error if status == 'interrupted' else '')
   return search_report.Result(
-      record.trial.name, record.trial.overrides, status, record.errors, record.top5,
-      record.frozen.user_attrs.get('error', ''),
+      record.trial.name, record.trial.overrides, status, record.errors, record.top5, error,
       shlex.join(search.command(record.trial, search.max_epochs)))

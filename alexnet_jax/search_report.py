@@ -12,17 +12,19 @@ from typing import Any
 
 from alexnet_jax import curves, trials
 
-STATUSES = ('done', 'paused', 'unfinished', 'failed')
+STATUSES = ('done', 'paused', 'unfinished', 'interrupted', 'failed')
 
 
 @dataclasses.dataclass
 class Result:
   name: str
   values: trials.Overrides  # the trial's overrides: what the search drew
-  status: str  # one of STATUSES: trained to the last epoch, paused at a rung, neither, failed
+  # one of STATUSES: trained to the last epoch, paused at a rung, neither (stopped, or still to
+  # run), interrupted (the same command resumes it), failed
+  status: str
   errors: dict[int, float]  # validation top-1 error after each epoch
   top5: dict[int, float]
-  error: str  # a failed trial's error line
+  error: str  # a failed or interrupted trial's error line
   command: str  # its command line without pauses: trains it to the end
 
   @property

@@ -5,7 +5,10 @@
 Each trial runs as its own `python -m alexnet_jax.main` process in `DIR/<trial name>/`: a local
 process, or (`--launcher=slurm`) a SLURM job, `--parallel` of them at a time, whose scripts, logs
 and ids are kept in `DIR/slurm/` (a grid sweep is one job array). Running the command again skips
-finished trials, re-attaches to trials still queued or running on SLURM and resumes the others.
+finished trials, re-attaches to trials still queued or running (SLURM jobs, or local trials a
+killed controller left running) and resumes the others; failed trials run again only with
+`--retry_failed`. One controller runs in a directory at a time (its `lock`). Ctrl-C, SIGTERM or
+SIGHUP (a closed terminal) stops it: each local trial saves a checkpoint at its next log step.
 `--config.x=y` overrides apply to every trial. Writes `DIR/results.csv`, `DIR/results.md` and
 `DIR/sweep.png`; `--dry_run` prints the trial commands instead, one a line. Exits with status 1
 unless every trial finished.
@@ -39,6 +42,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('seeds', 1, 'Seeds per trial; > 1 adds seed=0..K-1 (from the '
                        "config's seed) to every trial and averages over them.")
   flags.DEFINE_boolean('dry_run', False, 'Print the trial commands, one a line; run none.')
+  flags.DEFINE_boolean('retry_failed', False, 'Run failed trials again (they resume from their '
+                       'checkpoints); without it a failed trial stays failed. Interrupted and '
+                       'stopped trials always resume.')
   flags.DEFINE_string('search', 'grid', 'grid: every trial of the sweep file; random or tpe: '
                       '--trials draws from its search space (Optuna, seeded by --search_seed).')
   flags.DEFINE_integer('trials', 0, 'Trials a search draws (0 with --search=grid: all).')
@@ -85,7 +91,8 @@ def main(args: list[str]) -> None:
     settings = search.Settings(FLAGS.search, FLAGS.trials, FLAGS.search_seed, FLAGS.early_stop,
                                FLAGS.min_epochs, FLAGS.reduction_factor, FLAGS.parallel)
     if not search.run(FLAGS.config, config_path, base_overrides, FLAGS.sweep, FLAGS.workdir,
-                      settings, FLAGS.dry_run, None if FLAGS.dry_run else make_launcher()):
+                      settings, FLAGS.dry_run, None if FLAGS.dry_run else make_launcher(),
+                      retry_failed=FLAGS.retry_failed):
       raise SystemExit(1)
     return
   if FLAGS.trials:
@@ -98,12 +105,14 @@ def main(args: list[str]) -> None:
       print(shlex.join(trials.command(trial, config_path, FLAGS.workdir, base_overrides)))
     return
   results = trials.run_sweep(trial_list, config_path, FLAGS.workdir, FLAGS.parallel,
-                             base_overrides, launcher=make_launcher())
+                             base_overrides, launcher=make_launcher(),
+                             retry_failed=FLAGS.retry_failed)
   if any(r.status != 'done' for r in results):
     raise SystemExit(1)  # the report is written; the status tells scripts that not all finished
 
 if __name__ == '__main__':
   cli.run(main, define_flags, 'python -m alexnet_jax.sweep --config=FILE --sweep=FILE '
-          '--workdir=DIR [--parallel=N] [--seeds=K] [--dry_run] [--search=grid|random|tpe '
+          '--workdir=DIR [--parallel=N] [--seeds=K] [--dry_run] [--retry_failed] '
+          '[--search=grid|random|tpe '
           '--trials=N --search_seed=S] [--early_stop=asha --min_epochs=R --reduction_factor=3] '
           '[--launcher=local|slurm --slurm_FLAG=VALUE ...]')

@@ -6,7 +6,9 @@ Every dict (times every seed) is one trial: `python -m alexnet_jax.main --config
 --workdir=DIR/<trial name> --config.k=v ...` in its own process, so trials cannot disturb each
 other and each one resumes from its own checkpoints; alexnet_jax/launchers.py starts them (local
 processes, or SLURM job arrays). A trial is finished when its `done` file exists; a failed one
-gets an `error.txt` holding the error line and is run again (resumed) by the next invocation.
+(its config is the cause) gets an `error.txt` holding the error line and runs again only with
+`--retry_failed`; an interrupted one (`interrupted.txt`: the OOM killer, a full disk...) or one
+stopped by a signal resumes from its checkpoints when the same command runs again.
 (`get_sweep()` may also return a search space, which alexnet_jax/search.py draws trials from.)
 """
 
@@ -218,7 +220,7 @@ def task(trial: Trial, config_path: str, workdir: str,
 @dataclasses.dataclass
 class Result:
   trial: Trial
-  status: str  # 'done', 'failed' or 'unfinished'
+  status: str  # 'done', 'failed', 'interrupted' or 'unfinished'
   error: str = ''
   epochs: float = math.nan
   best_val_top1_error: float = math.nan
@@ -231,13 +233,9 @@ class Result:
 def collect(trial: Trial, workdir: str) -> Result:
   """The trial's status and its best/final validation errors from its metrics.jsonl."""
   trial_dir = os.path.join(workdir, trial.name)
-  if os.path.exists(_done_path(workdir, trial)):
-    result = Result(trial, 'done')
-  elif os.path.exists(_error_path(workdir, trial)):
-    with open(_error_path(workdir, trial)) as f:
-      result = Result(trial, 'failed', error=f.read().strip())
-  else:
-    result = Result(trial, 'unfinished')
+  ended = launchers.finished(trial_dir)
+  result = Result(trial, 'unfinished' if ended.state == 'stopped' else ended.state,
+                  error=ended.error)
   if os.path.exists(os.path.join(trial_dir, 'metrics.jsonl')):
     run = curves.read_run(trial_dir)
     if run.evals:
@@ -357,65 +355,101 @@ def write_hparams(result: Result, workdir: str) -> None:
 
 def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel: int = 1,
               base_overrides: Mapping[str, Any] = {}, log: Callable[[str], None] = print,
-              launcher: launchers.Launcher | None = None,
-              poll_s: float = 0.5) -> list[Result]:
+              launcher: launchers.Launcher | None = None, poll_s: float = 0.5,
+              retry_failed: bool = False) -> list[Result]:
   """Runs every unfinished trial with `launcher` (default: local processes, `parallel` at a
-  time), then writes the report. Finished trials (a `done` file) are skipped, and so are trials
-  the launcher still has queued or running (a SLURM sweep re-attaches to them); unfinished or
-  failed ones start again and resume from their checkpoints. A signal (Ctrl-C) stops the sweep:
+  time), then writes the report; one controller per directory (its lock). Finished trials (a
+  `done` file) are skipped, failed ones too unless `retry_failed`; trials still queued or
+  running (SLURM jobs, or local processes a killed controller left) are watched, not started
+  again; the others start and resume from their checkpoints. A signal (Ctrl-C) stops the sweep:
   local trials save a checkpoint and exit; SLURM jobs go on without the controller."""
   launcher = launcher or launchers.Local(parallel)
+  workdir_lib.check_dir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.Lock(workdir) as lock:
+    note = lock.acquire()
+    if note:
+      log(note)
+    return _control(trials, config_path, workdir, parallel, base_overrides, log, launcher,
+                    poll_s, retry_failed)
+
+
+def _control(trials: Sequence[Trial], config_path: str, workdir: str, parallel: int,
+             base_overrides: Mapping[str, Any], log: Callable[[str], None],
+             launcher: launchers.Launcher, poll_s: float, retry_failed: bool) -> list[Result]:
+  """`run_sweep`'s loop, the directory locked."""
   reopened = check_stored_configs(trials, config_path, workdir, base_overrides)
   if reopened:
     log(f'{len(reopened)} finished trial{"s" if len(reopened) > 1 else ""} resume with the '
         f'changed run length or logging fields: {", ".join(t.name for t in reopened)}')
-  os.makedirs(workdir, exist_ok=True)
+  tasks = {t.name: task(t, config_path, workdir, base_overrides) for t in trials}
   live = {name for name, status in launcher.poll().items() if status.state in launchers.LIVE}
-  todo = [t for t in trials if not os.path.exists(_done_path(workdir, t)) and t.name not in live]
+  adopted = launcher.adopt([tasks[t.name] for t in trials if t.name not in live])
+  live |= adopted
+  failed = [t for t in trials if os.path.exists(_error_path(workdir, t)) and t.name not in live]
+  if retry_failed:
+    for t in failed:
+      os.remove(_error_path(workdir, t))
+  todo = [t for t in trials if not os.path.exists(_done_path(workdir, t)) and t.name not in live
+          and (retry_failed or t not in failed)]
   watched = [t for t in trials if t.name in live] + todo
-  log(f'{len(trials) - len(watched)} of {len(trials)} trials already finished; running '
-      f'{len(todo)}, {parallel} at a time, in {workdir}' +
+  skipped = [t for t in trials if t not in watched and t not in failed]
+  log(f'{len(skipped)} of {len(trials)} trials already finished' +
+      (f', {len(failed)} failed (--retry_failed runs them again)' if failed and not retry_failed
+       else '') + f'; running {len(todo)}, {parallel} at a time, in {workdir}' +
       (f'; re-attached to {len(watched) - len(todo)} still queued or running' if live else ''))
   reported: set[str] = set()
+  resubmitted: set[str] = set()
   statuses: dict[str, launchers.Status] = {}
   with launchers.Relay(launcher) as signals:
-    launcher.submit([task(t, config_path, workdir, base_overrides) for t in todo])
+    launcher.submit([tasks[t.name] for t in todo])
     with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
                    disable=not watched) as bar:
       while True:
         signals.pass_on()
         statuses = launcher.poll()
         counts = {state: 0 for state in launchers.STATES}
+        waiting: set[str] = set()
         for trial in watched:
           status = statuses.get(trial.name, launchers.Status('queued'))
+          if (status.state == 'stopped' and trial.name in adopted and not signals.received and
+              trial.name not in resubmitted):
+            # A process a killed controller left ended: its verdict went with that
+            # controller, so it runs again and resumes (at once done if it had finished).
+            resubmitted.add(trial.name)
+            launcher.submit([tasks[trial.name]])
+            status = launchers.Status('queued')
           counts[status.state] += 1
-          if status.state in ('done', 'failed') and trial.name not in reported:
+          if status.state == 'queued' and status.reason:
+            waiting.add(status.reason)
+          if status.state in ('done', 'failed', 'interrupted') and trial.name not in reported:
             reported.add(trial.name)
             result = collect(trial, workdir)
             if status.state == 'done':
               write_hparams(result, workdir)
             bar.update(1)
             bar.write(_ended_line(trial, status, result, workdir, len(reported), len(watched)))
-        bar.set_postfix({state: n for state, n in counts.items() if n})
+        bar.set_postfix({state: f'{n} ({", ".join(sorted(waiting))})' if state == 'queued' and
+                         waiting else n for state, n in counts.items() if n})
         live_now = counts['queued'] + counts['running']
         if not live_now or (signals.received and launcher.detached):
           break
         time.sleep(poll_s)
   logs = {name: s.log for name, s in statuses.items() if s.log and s.state != 'done'}
   results = write_report(trials, workdir, logs)
-  failed = [r for r in results if r.status == 'failed']
-  done = [r for r in results if r.status == 'done']
-  log(f'{len(done)} finished, {len(failed)} failed, {len(results) - len(done) - len(failed)} '
-      f'unfinished; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
+  counts = {state: sum(r.status == state for r in results)
+            for state in ('done', 'failed', 'interrupted', 'unfinished')}
+  log(', '.join(f'{n} {"finished" if state == "done" else state}' for state, n in counts.items())
+      + f'; wrote {os.path.join(workdir, "results.md")}, results.csv, sweep.png')
   if signals.received:
     running = sum(s.state in launchers.LIVE for s in statuses.values())
     log('Stopped by a signal; ' + (f'{running} trials go on queued or running on SLURM: run the '
                                    f'same command to re-attach to them and resume the rest.'
                                    if launcher.detached else
                                    'run the same command to resume the unfinished trials.'))
-  elif any(statuses.get(t.name, launchers.Status('done')).state == 'stopped' for t in watched):
-    log('Some trials ended before they finished (a time limit, scancel): run the same command '
-        'to resume them.')
+  elif counts['interrupted'] or counts['unfinished']:
+    log('Some trials ended before they finished (interrupted: see results.md; or a time limit, '
+        'scancel): run the same command to resume them.')
   return results
 
 
@@ -426,4 +460,6 @@ def _ended_line(trial: Trial, status: launchers.Status, result: Result, workdir:
     return (f'[{i}/{n}] {trial.name}: done, best val top-1 error '
             f'{100 * result.best_val_top1_error:.2f}%')
   log = status.log or os.path.join(workdir, trial.name, 'log.txt')
-  return f'[{i}/{n}] {trial.name}: FAILED, {status.error} (log: {log})'
+  what = ('FAILED' if status.state == 'failed' else
+          'interrupted (the same command resumes it)')
+  return f'[{i}/{n}] {trial.name}: {what}, {status.error} (log: {log})'
