@@ -492,6 +492,7 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
   launched: dict[str, int] = {}  # trial -> the step it had logged when this controller started it
   held: set[str] = set()  # ended short of its rung by no fault of its config: left for a rerun
   elsewhere: set[str] = set()  # running from a start that nobody here knows (its lock is held)
+  reasons: dict[str, str] = {}  # why a queued trial waits, as last said
   with launchers.Relay(launcher) as signals:
     records = search.records()
     for name in sorted(launcher.adopt([search.task(r.trial, r.target) for r in records
@@ -503,6 +504,12 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
       elsewhere = {n for n in elsewhere
                    if workdir_lib.is_locked(os.path.join(search.workdir, n))}
       busy = {n for n, s in statuses.items() if s.state in launchers.LIVE} | elsewhere
+      for name, status in sorted(statuses.items()):
+        reason = status.reason if status.state == 'queued' else ''
+        if reason != reasons.get(name, ''):
+          if reason:
+            log(f'{name}: queued ({reason})')
+          reasons[name] = reason
       records = search.records()
       for record in records:
         if record.live and record.trial.name not in busy:

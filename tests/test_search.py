@@ -294,3 +294,28 @@ def test_slurm_search_is_a_job_per_start_and_promotion_and_reattaches(slurm, tmp
     assert {r['trial']: (r['status'], r['epochs']) for r in csv.DictReader(f)} == {
         n: ('done', '2') if n == promoted else ('paused', '1') for n in by_trial}
 
+
+
+def test_a_torn_journal_record_is_dropped_and_damage_elsewhere_is_one_line(tmp_path):
+  """kill -9 or a full disk mid-append leaves the last record cut short: it is dropped with one
+  line, and the search goes on drawing what it drew before (the lost record is written again).
+  Damage anywhere else is a one-line error naming the line."""
+  said = []
+  four = draws(space_search(tmp_path, storage=search.journal(str(tmp_path), said.append)), 4)
+  path = tmp_path / search.JOURNAL
+  data = path.read_bytes()
+  path.write_bytes(data[:-20])  # the last record (the fourth trial's) cut short
+  again = space_search(tmp_path, storage=search.journal(str(tmp_path), said.append))
+  [line] = said
+  assert line.startswith(f'warning: the last record of {path} was cut short (a kill or a full '
+                         f'disk while it was written) and is dropped: ')
+  assert path.read_bytes().endswith(b'\n') and len(path.read_bytes()) < len(data) - 20
+  assert [r.trial.overrides for r in again.records()][:3] == four[:3]
+  assert draws(again, 5 - len(again.records())) == four[len(again.records()):] + draws(
+      space_search(tmp_path / 'fresh'), 5)[4:]
+  lines = path.read_bytes().split(b'\n')
+  lines[2] = lines[2][:10]
+  path.write_bytes(b'\n'.join(lines))
+  with pytest.raises(ValueError, match=rf'^{path} line 3 is damaged \(.*; restore the file from '
+                     r'a copy, or use a fresh --workdir\.$'):
+    search.journal(str(tmp_path), said.append)
