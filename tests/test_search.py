@@ -4,6 +4,7 @@ controller being killed, whose promoted trial ends bit-identical to an uninterru
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,14 +127,15 @@ def test_spaces():
     search.make_space([{'a': log_uniform(1, 2)}], 'random', 'f')
 
 
-def sweep_cli(tmp_path, data_dir, sweep_text, *args, env=None):
+def sweep_cli(tmp_path, data_dir, sweep_text, *args, env=None, start_new_session=False):
   sweep_file = tmp_path / 'search_sweep.py'
   sweep_file.write_text(sweep_text)
   return subprocess.Popen(
       [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
        f'--sweep={sweep_file}', f'--workdir={tmp_path / "search"}',
        f'--config.dataset.data_dir={data_dir}', *TINY, *args],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+      start_new_session=start_new_session)
 
 
 SPACE_FILE = '''
@@ -200,10 +202,22 @@ def test_asha_survives_a_killed_controller_and_a_promoted_trial_equals_an_unpaus
     time.sleep(0.1)
   first.send_signal(signal.SIGKILL)  # the controller only: its trials go on, orphaned
   first.communicate()
+  # The next controller adopts the orphans; Ctrl-C in its terminal (SIGINT to its whole process
+  # group) reaches them through it, once: each stops at a log step with a checkpoint.
+  second = sweep_cli(tmp_path, digits_dir, GRID_FILE, *args, start_new_session=True)
+  log = workdir / 'search_log.txt'
+  said = lambda: log.read_text() if log.exists() else ''
+  while time.time() < deadline and second.poll() is None and not re.search(
+      r'waiting for it|starts|resumes|promoted', said().split('continuing its search')[-1]):
+    time.sleep(0.05)  # adopting an orphan, or (it ended meanwhile) starting a trial
+  os.killpg(second.pid, signal.SIGINT)
+  out, err = second.communicate(timeout=300)
+  assert second.returncode == 1, err[-3000:]
+  assert 'ended without releasing it; continuing its search' in out
+  assert 'Stopped by a signal; run the same command to continue the search.' in out
   again = sweep_cli(tmp_path, digits_dir, GRID_FILE, *args)
   out, err = again.communicate(timeout=600)
   assert again.returncode == 1, err[-3000:]  # a trial failed; the search went on
-  assert 'ended without releasing it; continuing its search' in out
 
   with open(workdir / 'results.csv') as f:
     rows = {r['trial']: r for r in csv.DictReader(f)}
@@ -220,6 +234,9 @@ def test_asha_survives_a_killed_controller_and_a_promoted_trial_equals_an_unpaus
   for name in good:
     starts = launches(workdir / name)
     assert sum('Resuming from step' not in s for s in starts) == 1, name  # started once
+    for start in starts:  # each stop: once, at a log step, saved there
+      stopped = re.findall(r'^Stopped by SIGINT at step (\d+)', start, re.M)
+      assert len(stopped) <= 1 and all(int(n) % 2 == 0 for n in stopped), (name, start)
     steps = [l['step'] for l in metrics(workdir / name) if 'train_loss' in l]
     assert steps == sorted(set(steps)), name  # no step trained twice
   assert 'Paused at epoch 1' in launches(workdir / best)[0]

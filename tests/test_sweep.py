@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,9 +13,11 @@ import pytest
 from alexnet_jax import launchers, trials
 from configs import default
 from conftest import REPO
+from test_resume import metrics
 
 TINY = ['--config.dataset.image_size=63', '--config.model.width=0.25', '--config.train.batch_size=16',
-        '--config.train.log_every_steps=1']
+        '--config.train.log_every_steps=4']
+STEPS = 24  # each trial's run: long enough to be stopped between two log steps
 SWEEP_FILE = '''
 from alexnet_jax.trials import product
 
@@ -108,7 +111,7 @@ def local_sweep(tmp_path_factory, digits_dir):
   """The tiny sweep run locally, 2 trials at a time: (its output, its directory, its
   results.csv as first written)."""
   tmp_path = tmp_path_factory.mktemp('local_sweep')
-  out = sweep_cli(tmp_path, digits_dir, '--parallel=2', '--config.train.num_train_steps=2')
+  out = sweep_cli(tmp_path, digits_dir, '--parallel=2', f'--config.train.num_train_steps={STEPS}')
   return out, tmp_path, (tmp_path / 'sweep' / 'results.csv').read_text()
 
 
@@ -122,7 +125,7 @@ def test_sweep_runs_reports_failures_and_resumes(local_sweep, digits_dir):
   for name in GOOD:
     assert rows[name]['status'] == 'done', rows[name]
     assert 0 <= float(rows[name]['best_val_top1_error']) <= 1
-    assert eval_steps(workdir / name) == [2]
+    assert eval_steps(workdir / name) == [STEPS]
     assert os.listdir(workdir / name / 'tensorboard' / 'hparams')  # TensorBoard hparams session
   assert rows[BROKEN]['status'] == 'failed'
   assert rows[BROKEN]['error'].startswith('exit code 1: ')
@@ -145,19 +148,27 @@ def test_sweep_runs_reports_failures_and_resumes(local_sweep, digits_dir):
   os.remove(killed / 'done')
   shutil.rmtree(lost)
   finished_log = (finished / 'log.txt').read_text()
-  again = sweep_cli(tmp_path, digits_dir, '--parallel=2', '--config.train.num_train_steps=2')
+  again = sweep_cli(tmp_path, digits_dir, '--parallel=2', f'--config.train.num_train_steps={STEPS}')
   assert again.returncode == 1, again.stderr[-3000:]
-  assert '1 of 4 trials already finished; running 3' in again.stdout
-  assert 'Resuming from step 2' in (killed / 'log.txt').read_text()
+  assert ('1 of 4 trials already finished, 1 failed (--retry_failed runs them again); running 2'
+          in again.stdout)  # a failed trial's config fails again: it runs only when asked
+  assert f'Resuming from step {STEPS}' in (killed / 'log.txt').read_text()
   assert (finished / 'log.txt').read_text() == finished_log  # not run again
-  assert eval_steps(killed) == eval_steps(finished) == eval_steps(lost) == [2]
+  assert eval_steps(killed) == eval_steps(finished) == eval_steps(lost) == [STEPS]
   with open(workdir / 'results.csv') as f:
     statuses = {r['trial']: r['status'] for r in csv.DictReader(f)}
   assert statuses == {**{n: 'done' for n in GOOD}, BROKEN: 'failed'}
+  broken_log = (workdir / BROKEN / 'log.txt').read_text()
+  assert broken_log.count('$ python -m alexnet_jax.main') == 1
+  retried = sweep_cli(tmp_path, digits_dir, '--retry_failed',
+                      f'--config.train.num_train_steps={STEPS}')
+  assert retried.returncode == 1, retried.stderr[-3000:]
+  assert '3 of 4 trials already finished; running 1' in retried.stdout
+  assert (workdir / BROKEN / 'log.txt').read_text().count('$ python -m alexnet_jax.main') == 2
 
   # The same sweep with another momentum: every finished trial answered another question.
   report = (workdir / 'results.md').read_text()
-  stale = sweep_cli(tmp_path, digits_dir, '--config.train.num_train_steps=2',
+  stale = sweep_cli(tmp_path, digits_dir, f'--config.train.num_train_steps={STEPS}',
                     '--config.optimizer.momentum=0.5')
   assert stale.returncode == 1
   assert stale.stderr.strip().splitlines() == [
@@ -168,24 +179,58 @@ def test_sweep_runs_reports_failures_and_resumes(local_sweep, digits_dir):
   assert all((workdir / name / 'done').exists() for name in GOOD)
 
 
-def test_ctrl_c_stops_a_local_sweep_with_checkpoints(tmp_path, digits_dir):
-  """The signal goes on to the running trial (it saves a checkpoint at its next log step and
-  exits); no queued trial starts; nothing counts as finished."""
-  controller = subprocess.Popen(
-      sweep_command(tmp_path, digits_dir, '--config.train.num_train_steps=500'), cwd=REPO,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
-  metrics = tmp_path / 'sweep' / GOOD[0] / 'metrics.jsonl'
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
-    time.sleep(0.05)
-  controller.send_signal(signal.SIGINT)
-  out, _ = controller.communicate(timeout=120)
-  assert controller.returncode == 1, out[-3000:]
-  assert '0 finished, 0 failed, 4 unfinished;' in out
-  assert 'Stopped by a signal; run the same command to resume the unfinished trials.' in out
-  assert 'Stopped by SIGINT at step ' in (tmp_path / 'sweep' / GOOD[0] / 'log.txt').read_text()
-  assert not any((tmp_path / 'sweep' / name).exists() for name in GOOD[1:] + [BROKEN])
+def stops(trial_dir):
+  """The 'Stopped by SIG... at step N' lines of the trial's log: (signal, N)."""
+  return re.findall(r'^Stopped by (SIG[A-Z]+) at step (\d+)', (trial_dir / 'log.txt').read_text(),
+                    re.M)
+
+
+def test_ctrl_c_and_hangup_to_the_process_group_stop_each_trial_once(tmp_path, digits_dir,
+                                                                      local_sweep):
+  """SIGINT to the sweep's whole process group (Ctrl-C in a terminal), then on the next run
+  SIGHUP to it (the terminal closed): each running trial stops once, at a log step, with a
+  checkpoint there; no queued trial starts; the third run finishes every trial, and their
+  metrics equal the uninterrupted sweep's."""
+  workdir = tmp_path / 'sweep'
+  args = ('--parallel=2', f'--config.train.num_train_steps={STEPS}')
+  for signum, logged in ((signal.SIGINT, 1), (signal.SIGHUP, 2)):
+    controller = subprocess.Popen(sweep_command(tmp_path, digits_dir, *args), cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)  # its own group, as a shell's job
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+        len(metrics_lines(workdir / n)) > logged for n in GOOD[:2]):
+      time.sleep(0.05)
+    os.killpg(controller.pid, signum)
+    out, _ = controller.communicate(timeout=120)
+    assert controller.returncode == 1, out[-3000:]
+    assert 'Stopped by a signal; run the same command to resume the unfinished trials.' in out
+    name = signal.Signals(signum).name
+    stopped = {n: stops(workdir / n) for n in GOOD if (workdir / n).exists()}
+    assert any(stopped.values()), out[-3000:]
+    for n, lines in stopped.items():
+      this_run = [int(step) for sig, step in lines if sig == name]
+      assert len(this_run) <= 1 and len(lines) <= logged, (n, lines)  # once per signal
+      for step in this_run:
+        assert step % 4 == 0 and step in checkpoint_steps(workdir / n), (n, step)
+    assert not (workdir / GOOD[2]).exists() and not (workdir / BROKEN).exists()
+  out = sweep_cli(tmp_path, digits_dir, *args)
+  assert out.returncode == 1, out.stderr[-3000:]  # the broken trial failed; the rest finished
+  assert '3 finished, 1 failed, 0 interrupted, 0 unfinished;' in out.stdout
+  reference = local_sweep[1] / 'sweep'
+  for n in GOOD:
+    assert metrics(workdir / n) == metrics(reference / n), n
+
+
+def metrics_lines(trial_dir):
+  try:
+    return (trial_dir / 'metrics.jsonl').read_text().splitlines()
+  except FileNotFoundError:
+    return []
+
+
+def checkpoint_steps(trial_dir):
+  return [int(d) for d in os.listdir(trial_dir / 'checkpoints') if d.isdigit()]
 
 
 def test_finished_trial_reopens_when_its_run_length_changes(tmp_path):
@@ -223,7 +268,7 @@ def test_slurm_sweep_matches_local_and_reattaches_without_duplicates(slurm, loca
   """The local sweep's trials as one job array on the cluster, 2 at a time. The controller is
   killed mid-sweep and one running trial's job requeued; the same command re-attaches, submits
   nothing, and writes the local sweep's results.csv. SLURM's own records show one job per trial."""
-  args = ('--launcher=slurm', '--parallel=2', '--config.train.num_train_steps=2',
+  args = ('--launcher=slurm', '--parallel=2', f'--config.train.num_train_steps={STEPS}',
           '--slurm_cpus=1', '--slurm_mem_gb=0.5', '--slurm_time=30')
   env = slurm.env
   workdir = tmp_path / 'sweep'
@@ -248,7 +293,7 @@ def test_slurm_sweep_matches_local_and_reattaches_without_duplicates(slurm, loca
   out = sweep_cli(tmp_path, digits_dir, *args, env=slurm.env)
   assert out.returncode == 1, out.stderr[-3000:]  # the broken trial failed, the rest finished
   assert (workdir / 'results.csv').read_text() == local_sweep[2]
-  assert 'Resuming from step 2' in (workdir / started[0] / 'log.txt').read_text()
+  assert re.search(r'Resuming from step \d+', (workdir / started[0] / 'log.txt').read_text())
   said = next(l for l in out.stdout.splitlines() if 'trials already finished' in l)
   # Only the broken trial may run again: if it failed while no controller watched (a failed
   # trial runs again, as with --launcher=local).
