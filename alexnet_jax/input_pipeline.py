@@ -35,7 +35,7 @@ import glob
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 import ml_collections
 import numpy as np
@@ -424,7 +424,7 @@ def prepare_once(builder: Builder, remake: Callable[[], Builder],
   return builder
 
 
-def _lock(lock_file: Any, what: str) -> None:
+def _lock(lock_file: IO[str], what: str) -> None:
   """An exclusive flock on `lock_file`, taken by polling so that a signal handler's exception
   (Ctrl-C) ends the wait at once."""
   start = time.monotonic()

@@ -164,7 +164,7 @@ def ctrl_c(signum, frame):
 def test_processes_that_need_a_set_at_once_prepare_it_once(tmp_path, capsys, monkeypatch):
   """A sweep's trials, or every host of a job, in one data_dir: one prepares the set, the others
   wait for it and read it. A preparation killed midway leaves nothing the next one trips on, and
-  a Ctrl-C ends a wait. Three processes: two here and this one."""
+  a Ctrl-C ends a wait. Three processes: the two started here and this one (in a thread)."""
   runs = [subprocess.Popen([sys.executable, '-c', PREPARE_DIGITS, str(tmp_path), *args],
                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
