@@ -30,8 +30,12 @@ masks.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import glob
 import os
-from typing import Any, Iterator
+import shutil
+import time
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 import ml_collections
 import numpy as np
@@ -333,36 +337,44 @@ def get_builder(config: ml_collections.ConfigDict,
 
   Our own builders are prepared on first use; a set that needs files you download yourself
   (imagenet2012) is prepared from `dataset.manual_dir`; anything else must already be prepared
-  in `dataset.data_dir` — this never downloads.
+  in `dataset.data_dir` — this never downloads. Processes that need the same set at once (a
+  sweep's trials, every host of a job) prepare it once: `prepare_once`.
   """
   from alexnet_jax.datasets import folder, prepared  # importing registers our builders
   name = config.name
-  try:
+
+  def make_source() -> tfds.core.DatasetBuilder:
     if name == 'folder':
-      source = folder.make_builder(config.get('path'), config.data_dir,
-                                   config.get('on_bad_image', 'fail'))
-    else:
-      source = tfds.builder(name, data_dir=config.data_dir)
+      return folder.make_builder(config.get('path'), config.data_dir,
+                                 config.get('on_bad_image', 'fail'))
+    return tfds.builder(name, data_dir=config.data_dir)
+
+  try:
+    source = make_source()
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f'dataset.name={name!r} is not a TFDS data set nor one of ours '
                       f'{OFFLINE_BUILDERS}; check the spelling (e.g. imagenet2012, cifar10).'
                       ) from None
   if not config.get('prepared', False):
-    return _ready(source, config)
+    return _ready(source, make_source, config)
   if config.train_crop == 'inception':
     raise ConfigError("dataset.train_crop='inception' needs the full image, and a prepared set "
                       "holds only its central square; set --config.dataset.prepared=False.")
   if config.eval_resize == 'torchvision':
     raise ConfigError(_TORCHVISION_PREPARED)
-  squares = prepared.Prepared(source=source, size=round(config.image_size * 256 / 224),
-                              stored=config.prepared_format, quality=config.prepared_quality)
+
+  def squares_of(source: tfds.core.DatasetBuilder) -> prepared.Prepared:
+    return prepared.Prepared(source=source, size=round(config.image_size * 256 / 224),
+                             stored=config.prepared_format, quality=config.prepared_quality)
+
+  squares = squares_of(source)
   if squares.is_prepared():  # the source's own files are not needed any more
     return squares
-  _ready(source, config)
-  return prepared.prepare(squares, **prepare_options)
+  # The source as prepared (by this process or one it waited for), with its splits.
+  return prepared.prepare(squares_of(_ready(source, make_source, config)), **prepare_options)
 
 
-def _ready(builder: tfds.core.DatasetBuilder,
+def _ready(builder: tfds.core.DatasetBuilder, remake: Callable[[], tfds.core.DatasetBuilder],
            config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """`builder`, prepared if it is ours or has its manual files; else a one-line error."""
   if builder.is_prepared():
@@ -379,9 +391,54 @@ def _ready(builder: tfds.core.DatasetBuilder,
         f'{name} is not prepared in {builder.data_dir}; this run does not download. Prepare it '
         f'where there is network (tfds build {name} --data_dir=DIR) and pass '
         f'--config.dataset.data_dir=DIR.')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None)
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  return prepare_once(builder, remake,
+                      lambda b: b.download_and_prepare(download_config=download_config))
+
+
+Builder = TypeVar('Builder', bound=tfds.core.DatasetBuilder)
+WAIT_NOTE_AFTER_S = 1.0  # a wait for another process's preparation longer than this is said
+
+
+def prepare_once(builder: Builder, remake: Callable[[], Builder],
+                 prepare: Callable[[Builder], None]) -> Builder:
+  """`builder`'s set, prepared by one process at a time: `prepare(builder)` runs under an
+  exclusive flock on `<set dir>.lock` (e.g. DATA_DIR/digits/1.0.0.lock). A process that finds
+  it held waits (saying so after a second) and then returns `remake()`, a builder that sees the
+  set the other one finished. TFDS writes a set into an `incomplete.*` directory and renames it
+  when complete; the ones a killed process left are removed under the lock before preparing.
+  The kernel drops the lock of a process that dies, even by SIGKILL."""
+  if builder.is_prepared():  # no lock: the set's directory may be read-only
+    return builder
+  data_dir = builder.data_dir
+  os.makedirs(os.path.dirname(data_dir), exist_ok=True)
+  with open(data_dir + '.lock', 'w') as lock:
+    _lock(lock, f'{builder.name} in {data_dir}')
+    if (again := remake()).is_prepared():
+      return again
+    # TFDS names them incomplete.<random>_<version>; this version's are ours to remove.
+    for stale in glob.glob(os.path.join(os.path.dirname(data_dir),
+                                        f'incomplete.*_{os.path.basename(data_dir)}')):
+      shutil.rmtree(stale, ignore_errors=True)
+    prepare(builder)
   return builder
+
+
+def _lock(lock_file: IO[str], what: str) -> None:
+  """An exclusive flock on `lock_file`, taken by polling so that a signal handler's exception
+  (Ctrl-C) ends the wait at once."""
+  start = time.monotonic()
+  said = False
+  while True:
+    try:
+      fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return
+    except BlockingIOError:
+      pass
+    if not said and time.monotonic() - start > WAIT_NOTE_AFTER_S:
+      print(f'Waiting for another process preparing {what} ...', flush=True)
+      said = True
+    time.sleep(0.1)
 
 
 @dataclasses.dataclass

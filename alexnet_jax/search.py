@@ -119,12 +119,22 @@ def make_space(sweep: Any, search: str, path: str) -> Space:
   return Space({GRID_POINT: CategoricalDistribution(tuple(range(len(sweep))))}, {}, list(sweep))
 
 
-def check_space(config: ml_collections.ConfigDict, space: Space, path: str) -> None:
-  """Every key of the space names a config field (checked before anything runs)."""
+def check_space(config: ml_collections.ConfigDict, space: Space, path: str, config_path: str,
+                base_overrides: Mapping[str, Any] = {}) -> None:
+  """Every key of the space names a config field, and every value it may give (each choice and
+  fixed value, the bounds of a range) is one the field takes (checked before anything runs)."""
   for key in space.keys():
     if not trials.has_field(config, key):
       raise ConfigError(f'the search space of {path} names {key!r}, which the config does not '
                         f'have; fix the sweep file (fields are dotted paths such as model.lrn).')
+  if space.points is not None:
+    values = [(f'trial {trials.trial_name(point)}', k, v) for point in space.points
+              for k, v in point.items()]
+  else:
+    values = [(f'the search space of {path}, key {k}', k, v) for k, d in space.template.items()
+              for v in (d.choices if isinstance(d, CategoricalDistribution) else
+                        (d.low, d.high) if isinstance(d, BaseDistribution) else (d,))]
+  trials.check_values(config, values, config_path, base_overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +431,7 @@ def open_search(config: ml_collections.ConfigDict, config_path: str,
   """The search of these flags, every check done (storage None: in memory, for a dry run)."""
   rung_epochs = check_settings(settings, config.train.num_epochs, config)
   space = make_space(trials.sweep_file_value(sweep_path), settings.search, sweep_path)
-  check_space(config, space, sweep_path)
+  check_space(config, space, sweep_path, config_path, base_overrides)
   return Search(space, settings, rung_epochs, config_path, workdir, base_overrides, storage)
 
 

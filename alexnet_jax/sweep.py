@@ -100,6 +100,8 @@ def main(args: list[str]) -> None:
                       f'asha); a grid sweep runs all its trials.')
   trial_list = trials.expand(trials.load_sweep(FLAGS.sweep), FLAGS.seeds, FLAGS.config.seed)
   trials.check_keys(FLAGS.config, trial_list)
+  trials.check_values(FLAGS.config, ((f'trial {t.name}', k, v) for t in trial_list
+                                     for k, v in t.overrides.items()), config_path, base_overrides)
   if FLAGS.dry_run:
     for trial in trial_list:
       print(shlex.join(trials.command(trial, config_path, FLAGS.workdir, base_overrides)))

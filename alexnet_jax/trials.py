@@ -23,11 +23,12 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path as field_paths
 import tqdm
 
 from alexnet_jax import curves, launchers
@@ -150,9 +151,33 @@ def check_keys(config: ml_collections.ConfigDict, trials: Sequence[Trial]) -> No
                           'file (fields are dotted paths such as model.lrn).')
 
 
+def check_values(config: ml_collections.ConfigDict, values: Iterable[tuple[str, str, Any]],
+                 config_path: str, base_overrides: Mapping[str, Any] = {}) -> None:
+  """Raises on a (where, key, value) whose value the field `key` cannot take, parsed as the
+  trial's `main` will parse `--config.key=value` (ml_collections: an int is a float field's
+  value; 'big', or a float, is not an int field's), so a sweep fails here, before anything
+  runs, not in each such trial later. `where` names the trial or the search space's key; each
+  distinct key=value is parsed once (a few ms)."""
+  seen = set()
+  for where, key, value in values:
+    if (arg := _flag(key, value)) in seen:
+      continue
+    seen.add(arg)
+    try:
+      trial_config(Trial({key: value}, ''), config_path, base_overrides)
+    except flags.Error:
+      raise ConfigError(f'{where}: {arg} is not a value {key} takes '
+                        f'({field_paths.get_type(key, config).__name__}); fix the sweep file.'
+                        ) from None
+
+
+def _flag(key: str, value: Any) -> str:
+  return f'--config.{key}={value}'
+
+
 def _override_args(trial: Trial, base_overrides: Mapping[str, Any]) -> list[str]:
   """The sweep's own --config.x=y overrides first, then the trial's."""
-  return [f'--config.{k}={v}' for k, v in [*base_overrides.items(), *trial.overrides.items()]]
+  return [_flag(k, v) for k, v in [*base_overrides.items(), *trial.overrides.items()]]
 
 
 def command(trial: Trial, config_path: str, workdir: str,

@@ -1,8 +1,12 @@
 """Prepared sets: the paper's stored R×R squares, made once, killed and restarted, read fast."""
 
+import fcntl
+import glob
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -119,3 +123,87 @@ def test_a_killed_preparation_restarts_where_it_stopped(tmp_path, digits_dir):
   reference = ip.get_builder(config_ref.dataset)
   for split in ('train', 'validation'):
     assert records(finished, split) == records(reference, split)
+
+
+
+# Once it reads a line, prepares digits in the data_dir argv[1] and prints its train size; says
+# 'preparing' if this process prepares it; with argv[2] == 'die', is SIGKILLed (as by the OOM
+# killer) halfway.
+PREPARE_DIGITS = """
+import os, signal, sys
+from alexnet_jax import input_pipeline as ip
+from alexnet_jax.datasets import digits
+from alexnet_jax.quiet_tf import tfds
+from conftest import tiny_config
+prepare = tfds.core.DatasetBuilder.download_and_prepare
+def spy(self, **kwargs):
+  print('preparing', flush=True)
+  prepare(self, **kwargs)
+tfds.core.DatasetBuilder.download_and_prepare = spy
+generate = digits.Digits._generate_examples
+def dying(self, *args):
+  for i, example in enumerate(generate(self, *args)):
+    if i == 700:
+      os.kill(os.getpid(), signal.SIGKILL)
+    yield example
+if sys.argv[2:] == ['die']:
+  digits.Digits._generate_examples = dying
+sys.stdin.readline()
+print(ip.get_builder(tiny_config(sys.argv[1]).dataset).info.splits['train'].num_examples)
+"""
+
+
+class CtrlC(BaseException):
+  """What a run's SIGINT handler raises (a clean stop, not a KeyboardInterrupt traceback)."""
+
+
+def ctrl_c(signum, frame):
+  raise CtrlC
+
+
+def test_processes_that_need_a_set_at_once_prepare_it_once(tmp_path, capsys, monkeypatch):
+  """A sweep's trials, or every host of a job, in one data_dir: one prepares the set, the others
+  wait for it and read it. A preparation killed midway leaves nothing the next one trips on, and
+  a Ctrl-C ends a wait. Three processes: the two started here and this one (in a thread)."""
+  runs = [subprocess.Popen([sys.executable, '-c', PREPARE_DIGITS, str(tmp_path), *args],
+                           cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+          for args in (['die'], [], [])]  # all import at once
+  out, err = runs[0].communicate('go\n')
+  assert runs[0].returncode == -9 and out == 'preparing\n', err[-3000:]
+  set_dir = os.path.join(tmp_path, 'digits', '1.0.0')
+  assert glob.glob(os.path.join(tmp_path, 'digits', 'incomplete.*'))  # the killed one's
+  prepare = tfds.core.DatasetBuilder.download_and_prepare
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      lambda self, **kwargs: (print('preparing'), prepare(self, **kwargs)))
+  config = tiny_config(str(tmp_path))
+  with open(set_dir + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process is preparing it
+    for run in runs[1:]:
+      run.stdin.write('go\n')
+      run.stdin.flush()
+    got = []
+    here = threading.Thread(target=lambda: got.append(ip.get_builder(config.dataset)))
+    here.start()
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    sigint = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+      sigint.start()
+      with pytest.raises(CtrlC):  # a second call here, waiting too
+        ip.get_builder(config.dataset)
+    finally:
+      sigint.cancel()
+      sigint.join()
+      signal.signal(signal.SIGINT, previous)
+    waiting = f'Waiting for another process preparing digits in {set_dir} ...\n'
+    assert [run.stdout.readline() for run in runs[1:]] == [waiting] * 2
+  here.join()
+  results = [run.communicate() for run in runs[1:]]
+  assert [run.returncode for run in runs[1:]] == [0, 0], [err[-3000:] for _, err in results]
+  assert [out.splitlines()[-1] for out, _ in results] == ['1437', '1437']
+  assert got[0].info.splits['train'].num_examples == 1437
+  out_here = capsys.readouterr().out
+  assert out_here.count(waiting) == 2  # the thread's and the interrupted call's
+  outs = [out_here] + [out for out, _ in results]
+  assert sum(out.splitlines().count('preparing') for out in outs) == 1  # prepared once
+  assert not glob.glob(os.path.join(tmp_path, 'digits', 'incomplete.*'))

@@ -163,13 +163,31 @@ def test_dry_run_prints_the_first_wave_and_a_bad_key_is_one_line(tmp_path, digit
   assert out.strip().splitlines() == [' '.join(args) for args in wave]
   assert len(wave) == 2 and all(a[-1] == '--config.train.pause_at_epoch=1' for a in wave)
   assert not (tmp_path / 'search').exists()
-  bad = sweep_cli(tmp_path, digits_dir, SPACE_FILE % 'optimizer.wd', '--search=random',
-                  '--trials=9')
-  out, err = bad.communicate(timeout=120)
-  assert bad.returncode == 1
-  assert err.strip().splitlines() == [
-      f"error: the search space of {tmp_path / 'search_sweep.py'} names 'optimizer.wd', which the "
-      f"config does not have; fix the sweep file (fields are dotted paths such as model.lrn)."]
+
+  # The checks of every run, dry or not (the CLI prints the error as one line, as for a grid
+  # sweep: test_sweep.test_dry_run_lists_the_commands).
+  path = tmp_path / 'bad_sweep.py'
+
+  def refusal(sweep_text):
+    path.write_text(sweep_text)
+    with pytest.raises(ValueError) as refused:
+      search.open_search(tiny_config(digits_dir), CONFIG, {}, str(path), str(tmp_path / 'search'),
+                         settings)
+    return str(refused.value)
+
+  assert refusal(SPACE_FILE % 'optimizer.wd') == (
+      f"the search space of {path} names 'optimizer.wd', which the config does not have; fix the "
+      f"sweep file (fields are dotted paths such as model.lrn).")
+  assert refusal(SPACE_FILE % 'train.batch_size') == (  # an int field, a float range
+      f'the search space of {path}, key train.batch_size: --config.train.batch_size=1e-05 is not '
+      f'a value train.batch_size takes (int); fix the sweep file.')
+  assert refusal(  # an int is a float field's value (fixed, or drawn), 'big' not an int field's
+      "from alexnet_jax.search import choice, integer\n"
+      "def get_sweep():\n"
+      "  return {'optimizer.momentum': 1, 'optimizer.learning_rate': integer(1, 2),\n"
+      "          'train.batch_size': choice(64, 'big')}\n") == (
+      f'the search space of {path}, key train.batch_size: --config.train.batch_size=big is not a '
+      f'value train.batch_size takes (int); fix the sweep file.')
 
 
 # Two trials and a broken one, by grid: ASHA with η = 2 over 2 epochs pauses both good trials at
@@ -177,7 +195,7 @@ def test_dry_run_prints_the_first_wave_and_a_bad_key_is_one_line(tmp_path, digit
 GRID_FILE = '''
 def get_sweep():
   return [{'optimizer.learning_rate': 0.05}, {'optimizer.learning_rate': 0.02},
-          {'optimizer.momentum': 'fast'}]  # broken: not a float
+          {'dataset.image_size': 8}]  # fails when it runs: too small
 '''
 TWO_FILE = '''
 def get_sweep():
@@ -223,7 +241,8 @@ def test_asha_survives_a_killed_controller_and_a_promoted_trial_equals_an_unpaus
     rows = {r['trial']: r for r in csv.DictReader(f)}
   assert sorted(rows) == ['trial_000', 'trial_001', 'trial_002']  # drawn once each
   assert rows['trial_002']['status'] == 'failed'
-  assert rows['trial_002']['error'].endswith("could not convert string to float: 'fast'")
+  assert rows['trial_002']['error'] == ('exit code 1: error: dataset.image_size=8 is too small '
+                                        'for this model; use at least 63.')
   good = ['trial_000', 'trial_001']
   assert sorted(rows[n]['status'] for n in good) == ['done', 'paused']
   best, other = sorted(good, key=lambda n: rows[n]['status'])

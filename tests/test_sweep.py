@@ -24,10 +24,11 @@ from alexnet_jax.trials import product
 
 def get_sweep():
   return product({'optimizer.learning_rate': [0.01, 0.02]}) + [
-      {'model.lrn': False}, {'optimizer.momentum': 'fast'}]  # the last is broken: not a float
+      {'model.lrn': False}, {'dataset.image_size': 8}]  # the last fails when it runs: too small
 '''
 GOOD = ['optimizer.learning_rate=0.01', 'optimizer.learning_rate=0.02', 'model.lrn=False']
-BROKEN = 'optimizer.momentum=fast'
+BROKEN = 'dataset.image_size=8'
+TOO_SMALL = 'error: dataset.image_size=8 is too small for this model; use at least 63.'
 
 
 def test_product_and_zip():
@@ -70,17 +71,17 @@ def test_error_line_and_spread():
   assert trials.mean_std([0.4]) == (0.4, 0.0)
 
 
-def sweep_command(tmp_path, data_dir, *args):
+def sweep_command(tmp_path, data_dir, *args, sweep_text=SWEEP_FILE):
   sweep_file = tmp_path / 'tiny_sweep.py'
-  sweep_file.write_text(SWEEP_FILE)
+  sweep_file.write_text(sweep_text)
   return [sys.executable, '-m', 'alexnet_jax.sweep', '--config=configs/default.py',
           f'--sweep={sweep_file}', f'--workdir={tmp_path / "sweep"}',
           f'--config.dataset.data_dir={data_dir}', *TINY, *args]
 
 
-def sweep_cli(tmp_path, data_dir, *args, env=os.environ):
-  return subprocess.run(sweep_command(tmp_path, data_dir, *args), cwd=REPO, capture_output=True,
-                        text=True, env=dict(env))
+def sweep_cli(tmp_path, data_dir, *args, env=os.environ, sweep_text=SWEEP_FILE):
+  return subprocess.run(sweep_command(tmp_path, data_dir, *args, sweep_text=sweep_text), cwd=REPO,
+                        capture_output=True, text=True, env=dict(env))
 
 
 def eval_steps(trial_dir):
@@ -99,11 +100,27 @@ def test_dry_run_lists_the_commands(tmp_path, digits_dir):
       (GOOD[0], '--config.optimizer.learning_rate=0.01'),
       (GOOD[1], '--config.optimizer.learning_rate=0.02'),
       (GOOD[2], '--config.model.lrn=False'),
-      (BROKEN, '--config.optimizer.momentum=fast')]:
+      (BROKEN, '--config.dataset.image_size=8')]:
     for seed in (0, 1):
       expected.append(f'{base.format(name=f"{name},seed={seed}")} {overrides} --config.seed={seed}')
   assert out.stdout.strip().splitlines() == expected
   assert not workdir.exists()
+  # A value its field cannot take: one line before anything runs or is printed, not a failure
+  # of each such trial later.
+  bad = sweep_cli(tmp_path, digits_dir, '--dry_run', sweep_text=SWEEP_FILE.replace(
+      "{'dataset.image_size': 8}", "{'train.batch_size': 64}, {'train.batch_size': 'big'}"))
+  assert (bad.returncode, bad.stdout) == (1, '')
+  assert bad.stderr.strip().splitlines() == [
+      'error: trial train.batch_size=big: --config.train.batch_size=big is not a value '
+      'train.batch_size takes (int); fix the sweep file.']
+  config = default.get_config()
+  values = [('trial a', 'optimizer.learning_rate', 1), ('trial b', 'model.lrn', False),
+            ('trial c', 'optimizer.learning_rate', 1)]  # an int is a float field's value
+  trials.check_values(config, values, os.path.join(REPO, 'configs', 'default.py'))
+  with pytest.raises(ValueError, match=r'^trial d: --config.train.batch_size=0.5 is not a value '
+                     r'train.batch_size takes \(int\); fix the sweep file.$'):
+    trials.check_values(config, values + [('trial d', 'train.batch_size', 0.5)],
+                        os.path.join(REPO, 'configs', 'default.py'))
 
 
 @pytest.fixture(scope='module')
@@ -128,17 +145,15 @@ def test_sweep_runs_reports_failures_and_resumes(local_sweep, digits_dir):
     assert eval_steps(workdir / name) == [STEPS]
     assert os.listdir(workdir / name / 'tensorboard' / 'hparams')  # TensorBoard hparams session
   assert rows[BROKEN]['status'] == 'failed'
-  assert rows[BROKEN]['error'].startswith('exit code 1: ')
-  assert rows[BROKEN]['error'].endswith("--config.optimizer.momentum=fast: could not convert "
-                                        "string to float: 'fast'")
+  assert rows[BROKEN]['error'] == f'exit code 1: {TOO_SMALL}'
   assert f'{BROKEN}: FAILED' in out.stdout
 
   table = (workdir / 'results.md').read_text().splitlines()
-  table_rows = [l.split(' | ')[0].lstrip('| ') for l in table if l.startswith(('| optimizer',
-                                                                                '| model'))]
+  table_rows = [l.split(' | ')[0].lstrip('| ') for l in table
+                if l.startswith(('| optimizer', '| model', '| dataset'))]
   best = sorted(GOOD, key=lambda n: float(rows[n]['best_val_top1_error']))
   assert table_rows == best + [BROKEN]  # sorted by best val top-1; the failed trial last
-  assert "could not convert string to float: 'fast'" in table[-1]
+  assert TOO_SMALL in table[-1]
   assert (workdir / 'sweep.png').stat().st_size > 0
 
   # Run again after killing one trial (no `done` file) and losing another entirely: the killed
@@ -324,7 +339,7 @@ def test_slurm_sweep_matches_local_and_reattaches_without_duplicates(slurm, loca
   assert jobs[job]['ArrayTaskThrottle'] == '2'  # --parallel
   notes = (workdir / 'results.md').read_text().splitlines()[-1]
   log = notes.split('(SLURM log: ')[1].split(')')[0]
-  assert f"{BROKEN} failed: exit code 1: error: flag --config.optimizer.momentum=fast" in notes
+  assert f'{BROKEN} failed: exit code 1: {TOO_SMALL}' in notes
   assert os.path.dirname(log) == str(workdir / 'slurm') and os.path.exists(log)
 
 

@@ -10,10 +10,11 @@ window) or 'raw' uint8 (no decode at all; R·R·3 bytes an image, 196 KB at 256)
 
 The set lives next to its source, in `DATA_DIR/prepared/NAME/`, NAME naming the source (TFDS name,
 version and config; a folder's config holds its file fingerprint), R and the stored form: a change
-to any of them prepares a fresh set, and a finished one is reused. Labels, class names, splits
-and the order of the examples are the source's, so a run draws the same batches from either (the
-same crops, flips and lighting; from a full-size image training resamples only the crop window,
-so ~1 pixel value in 10⁴ lands one grey level apart).
+to any of them prepares a fresh set, and a finished one is reused. One process prepares a set;
+others that need it at once wait for it (`input_pipeline.prepare_once`). Labels, class names,
+splits and the order of the examples are the source's, so a run draws the same batches from
+either (the same crops, flips and lighting; from a full-size image training resamples only the
+crop window, so ~1 pixel value in 10⁴ lands one grey level apart).
 
 Killing a preparation loses at most one chunk: the squares are made in chunks of `CHUNK` images
 (tf.data, on every core), each written once to `DATA_DIR/prepared.partial/NAME/` by an atomic
@@ -25,8 +26,6 @@ run never leaves a set that looks finished.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
 import hashlib
 import os
 import shutil
@@ -177,35 +176,30 @@ def _read_chunk(path: str) -> tuple[list[Any], np.ndarray]:
 
 def prepare(builder: Prepared, *, chunk_size: int = CHUNK,
             kill_after_chunks: int = 0) -> Prepared:
-  """Writes `builder`'s set from its (prepared) source, one process at a time per set, with a
-  progress bar and an ETA; prints where the set is and its size; returns the finished builder."""
-  os.makedirs(builder.work_dir, exist_ok=True)
-  with open(builder.work_dir + '.lock', 'w') as lock_file:
-    fcntl.flock(lock_file, fcntl.LOCK_EX)  # another process preparing the same set: wait for it
-    # A builder made now sees a set that another process finished while this one waited.
-    again = Prepared(source=builder.source, size=builder.size, stored=builder.stored,
-                     quality=builder.quality)
-    if again.is_prepared():
-      return again
-    # Left by a killed run: TFDS's unfinished set directories (never read as a finished set).
-    for stale in glob.glob(os.path.join(os.path.dirname(builder.data_dir), 'incomplete*')):
-      shutil.rmtree(stale, ignore_errors=True)
-    builder.chunk_size, builder.kill_after_chunks = chunk_size, kill_after_chunks
-    splits = builder.source.info.splits
+  """Writes `builder`'s set from its (prepared) source, one process at a time per set
+  (`ip.prepare_once`), with a progress bar and an ETA; the process that prepares it prints where
+  the set is and its size. Returns the finished builder."""
+
+  def write(squares: Prepared) -> None:
+    squares.chunk_size, squares.kill_after_chunks = chunk_size, kill_after_chunks
+    splits = squares.source.info.splits
     total = sum(s.num_examples for s in splits.values())
-    if done := finished_images(builder):
-      print(f'Resuming: {done} of {total} images already prepared in {builder.work_dir}',
+    if done := finished_images(squares):
+      print(f'Resuming: {done} of {total} images already prepared in {squares.work_dir}',
             flush=True)
-    with tqdm.tqdm(total=total, unit='img', desc=f'Preparing {builder.builder_config.name}',
-                   dynamic_ncols=True) as builder.bar, _without_tfds_bars():
-      builder.download_and_prepare()
-    builder.bar = None
-    shutil.rmtree(builder.work_dir, ignore_errors=True)
-  print(f'Prepared {builder.builder_config.name}: '
-        f'{", ".join(f"{name} {s.num_examples}" for name, s in sorted(splits.items()))} images '
-        f'as {builder.size}x{builder.size} {builder.stored}, {disk_bytes(builder) / 2**20:.1f} MiB '
-        f'in {builder.data_dir}', flush=True)
-  return builder
+    with tqdm.tqdm(total=total, unit='img', desc=f'Preparing {squares.builder_config.name}',
+                   dynamic_ncols=True) as squares.bar, _without_tfds_bars():
+      squares.download_and_prepare()
+    squares.bar = None
+    shutil.rmtree(squares.work_dir, ignore_errors=True)
+    print(f'Prepared {squares.builder_config.name}: '
+          f'{", ".join(f"{name} {s.num_examples}" for name, s in sorted(splits.items()))} '
+          f'images as {squares.size}x{squares.size} {squares.stored}, '
+          f'{disk_bytes(squares) / 2**20:.1f} MiB in {squares.data_dir}', flush=True)
+
+  return ip.prepare_once(
+      builder, lambda: Prepared(source=builder.source, size=builder.size, stored=builder.stored,
+                                quality=builder.quality), write)
 
 
 @contextlib.contextmanager
