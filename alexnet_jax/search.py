@@ -261,7 +261,7 @@ class Search:
     """The trial's validation top-1 and top-5 errors by epoch and the last step it logged, from
     its metrics.jsonl (polled: read as far as it grew, worked out again only if it did)."""
     if name not in self._tails:
-      self._tails[name] = curves.Tail(os.path.join(self.workdir, name))
+      self._tails[name] = curves.Tail(os.path.join(self.workdir, name), only_last_train=True)
     run = self._tails[name].read()
     if name not in self._progress_of or self._progress_of[name][0] is not run:
       errors = {round(l['epoch']): l['val_top1_error'] for l in run.evals}

@@ -82,16 +82,18 @@ def test_plot_cli_draws_every_trial_of_a_sweep(tmp_path):
 
 
 def test_tail_reads_appends_and_rereads_a_rewound_log(tmp_path):
-  """A Tail read after each change of a live run's log equals read_run of it: lines appended, a
-  line written in parts, a log rewritten atomically (a resumed run; as long as it was) or cut."""
+  """A Tail read after each change of a live run's log equals read_run of it (but for the train
+  lines before the last, with only_last_train): lines appended, a line written in parts, a log
+  rewritten atomically (a resumed run; as long as it was) or cut."""
   from alexnet_jax import workdir
   run_dir, path = tmp_path / 'a', tmp_path / 'a' / 'metrics.jsonl'
-  tail = curves.Tail(str(run_dir))
-  assert tail.read() == curves.Run(str(run_dir), [], [])  # not started yet
+  tail, last = curves.Tail(str(run_dir)), curves.Tail(str(run_dir), only_last_train=True)
+  assert tail.read() == last.read() == curves.Run(str(run_dir), [], [])  # not started yet
 
   def read():
-    run = tail.read()
-    assert run == curves.read_run(str(run_dir))
+    run, whole = tail.read(), curves.read_run(str(run_dir))
+    assert run == whole
+    assert last.read() == curves.Run(str(run_dir), whole.train[-1:], whole.evals)
     return [l['step'] for l in run.train], [l['step'] for l in run.evals], run
 
   def append(text):
@@ -122,4 +124,4 @@ def test_tail_reads_appends_and_rereads_a_rewound_log(tmp_path):
   train, evals, run = read()
   assert (train, evals, run.train[0]['train_loss']) == ([5], [], 7.0)
   os.remove(path)
-  assert tail.read() == curves.Run(str(run_dir), [], [])
+  assert tail.read() == last.read() == curves.Run(str(run_dir), [], [])
