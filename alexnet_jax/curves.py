@@ -101,21 +101,25 @@ class Tail:
   def _parse(self, data: bytes) -> int:
     """Takes in the lines of `data`; returns how many bytes it used: all but a last line that
     does not parse yet (being written: the next read parses it whole)."""
-    lines = data.split(b'\n')
+    end = data.rfind(b'\n') + 1
+    lines = data[:end].decode(errors='replace').split('\n')  # one decode: the faster
+    lines[-1] = data[end:]  # not '' (after the last newline): the line being written, if any
+    train, evals = self._train, self._evals
     for i, line in enumerate(lines):
       try:
         record = json.loads(line)
       except ValueError:  # empty, or cut short: a running (or killed) run's last line
         if i == len(lines) - 1:
-          return len(data) - len(line)
+          return end
         continue
       step = record['step']
       if 'val_top1_error' in record:
-        self._evals[step] = record
+        evals[step] = record
       elif not self._only_last_train:
-        self._train[step] = record
-      elif not self._train or step >= next(iter(self._train)):
-        self._train = {step: record}
+        train[step] = record
+      elif not train or step >= next(iter(train)):
+        train.clear()
+        train[step] = record
     return len(data)
 
 

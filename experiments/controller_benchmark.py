@@ -156,6 +156,11 @@ def ms(values: list[float]) -> str:
           f'({len(values)} polls)')
 
 
+def rss_mb() -> float:
+  with open('/proc/self/status') as f:
+    return next(int(l.split()[1]) for l in f if l.startswith('VmRSS:')) / 1e3
+
+
 def load() -> str:
   return '/'.join(f'{x:.2f}' for x in os.getloadavg())
 
@@ -233,8 +238,9 @@ def main() -> None:
       f'{ms(timed(lambda: s.study.get_trials(deepcopy=False), args.polls))}')
   before = timed(lambda: old_records(s), args.polls_before)
   say(f'  before (every log read whole): {ms(before)}; load {load()}')
-  fresh = open_search(args.workdir)
-  say(f'  after, first poll (every log read whole once): {ms(timed(fresh.records, 1))}')
+  fresh, rss = open_search(args.workdir), rss_mb()
+  say(f'  after, first poll (every log read whole once): {ms(timed(fresh.records, 1))}; the '
+      f"process's RSS {rss:.0f} MB before it, {rss_mb():.0f} MB after")
   say(f'  after, nothing appended: {ms(timed(fresh.records, args.polls))}')
   rng, appended = random.Random(2), []
   for n in range(1, args.polls + 1):
