@@ -1,7 +1,9 @@
-"""Training curves from `metrics.jsonl`: reading runs and drawing them with matplotlib.
+"""Training curves from `metrics.jsonl`: reading runs (`Tail`: following live ones) and drawing
+them with matplotlib.
 
 Used by `python -m alexnet_jax.plot` (one figure per set of runs) and `python -m alexnet_jax.sweep`
-(`sweep.png`, the validation error of every trial).
+(`sweep.png`, the validation error of every trial; a search's controller follows its trials with
+a `Tail` each).
 """
 
 from __future__ import annotations
@@ -48,16 +50,77 @@ def read_run(workdir: str) -> Run:
   if not os.path.exists(path):
     raise ConfigError(f'{path} does not exist; pass the --workdir of a training run or of a '
                       f'sweep.')
-  train: dict[int, dict[str, float]] = {}
-  evals: dict[int, dict[str, float]] = {}
-  with open(path) as f:
-    for line in f:
+  return Tail(workdir).read()
+
+
+class Tail:
+  """`read_run` of a live run, again and again (a search's controller polls every trial): each
+  `read` parses only what was appended to `metrics.jsonl` since the last one, and costs one
+  stat when nothing was. A log that was rewound is read again from its start: replaced (a
+  resumed run rewrites it atomically, up to its checkpoint: a new inode) or shorter than it was.
+  A missing file reads as a run with no lines. With `only_last_train`, the run's train lines are
+  its last one (what a controller needs; an ImageNet run's 9,000 would hold ~10 MB a trial)."""
+
+  def __init__(self, workdir: str, only_last_train: bool = False):
+    self.workdir, self._path = workdir, os.path.join(workdir, 'metrics.jsonl')
+    self._only_last_train = only_last_train
+    self._restart(None)
+
+  def _restart(self, identity: tuple[int, int] | None) -> None:
+    self._identity = identity  # (device, inode) of the file read so far
+    self._size = 0  # its size when last read
+    self._offset = 0  # the bytes parsed: all but a line still being written
+    self._train: dict[int, dict[str, float]] = {}
+    self._evals: dict[int, dict[str, float]] = {}
+    self._run = Run(self.workdir, [], [])
+
+  def read(self) -> Run:
+    """The run as its file is now (the same object as the last read's if the file is as it
+    was)."""
+    try:
+      stat = os.stat(self._path)
+    except FileNotFoundError:
+      if self._identity is not None:
+        self._restart(None)
+      return self._run
+    if (stat.st_dev, stat.st_ino) == self._identity and stat.st_size == self._size:
+      return self._run
+    with open(self._path, 'rb') as f:
+      stat = os.fstat(f.fileno())  # of what is read, should the path be replaced meanwhile
+      if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size < self._size:
+        self._restart((stat.st_dev, stat.st_ino))
+      f.seek(self._offset)
+      data = f.read()
+    self._size = self._offset + len(data)
+    self._offset += self._parse(data)
+    train, evals = self._train, self._evals
+    self._run = Run(self.workdir, [train[s] for s in sorted(train)],
+                    [evals[s] for s in sorted(evals)])
+    return self._run
+
+  def _parse(self, data: bytes) -> int:
+    """Takes in the lines of `data`; returns how many bytes it used: all but a last line that
+    does not parse yet (being written: the next read parses it whole)."""
+    end = data.rfind(b'\n') + 1
+    lines = data[:end].decode(errors='replace').split('\n')  # one decode: the faster
+    lines[-1] = data[end:]  # not '' (after the last newline): the line being written, if any
+    train, evals = self._train, self._evals
+    for i, line in enumerate(lines):
       try:
         record = json.loads(line)
       except ValueError:  # empty, or cut short: a running (or killed) run's last line
+        if i == len(lines) - 1:
+          return end
         continue
-      (evals if 'val_top1_error' in record else train)[record['step']] = record
-  return Run(workdir, [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)])
+      step = record['step']
+      if 'val_top1_error' in record:
+        evals[step] = record
+      elif not self._only_last_train:
+        train[step] = record
+      elif not train or step >= next(iter(train)):
+        train.clear()
+        train[step] = record
+    return len(data)
 
 
 def read_runs(workdirs: Sequence[str]) -> list[Run]:

@@ -233,6 +233,9 @@ class Search:
     self.space, self.settings, self.rungs = space, settings, list(rung_epochs)
     self.config_path, self.workdir, self.base_overrides = config_path, workdir, base_overrides
     self.budget = settings.trials or len(space.points)
+    # records(): each trial's metrics.jsonl, read as far as it grew, and what its last Run gave
+    self._tails: dict[str, curves.Tail] = {}
+    self._progress_of: dict[str, tuple[curves.Run, tuple[Any, ...]]] = {}
     if space.points is not None and settings.search == 'grid' and self.budget > len(space.points):
       raise ConfigError(f'--trials={settings.trials} but the grid has {len(space.points)} '
                         f'points; pass at most that, or 0 for all.')
@@ -272,20 +275,25 @@ class Search:
     for frozen in self.study.get_trials(deepcopy=False):
       if frozen.state == optuna.trial.TrialState.WAITING:
         continue  # drawn but not asked (a run killed between the two): the next ask takes it
-      # The enqueued draw fills any parameter whose record a torn journal lost (`open_journal`).
+      # The enqueued draw fills any parameter whose record a torn journal lost (`journal`).
       params = {**frozen.system_attrs.get('fixed_params', {}), **frozen.params}
       trial = _trial(frozen.number, self.space.overrides(params))
-      errors, top5, step = {}, {}, 0
-      trial_dir = os.path.join(self.workdir, trial.name)
-      if os.path.exists(os.path.join(trial_dir, 'metrics.jsonl')):
-        run = curves.read_run(trial_dir)
-        for line in run.evals:
-          errors[round(line['epoch'])] = line['val_top1_error']
-          top5[round(line['epoch'])] = line['val_top5_error']
-        step = max([l['step'] for l in run.train + run.evals], default=0)
-      out.append(Record(trial, frozen, frozen.user_attrs.get('epochs', self.rungs[0]), errors,
-                        top5, step))
+      out.append(Record(trial, frozen, frozen.user_attrs.get('epochs', self.rungs[0]),
+                        *self._progress(trial.name)))
     return out
+
+  def _progress(self, name: str) -> tuple[dict[int, float], dict[int, float], int]:
+    """The trial's validation top-1 and top-5 errors by epoch and the last step it logged, from
+    its metrics.jsonl (polled: read as far as it grew, worked out again only if it did)."""
+    if name not in self._tails:
+      self._tails[name] = curves.Tail(os.path.join(self.workdir, name), only_last_train=True)
+    run = self._tails[name].read()
+    if name not in self._progress_of or self._progress_of[name][0] is not run:
+      errors = {round(l['epoch']): l['val_top1_error'] for l in run.evals}
+      top5 = {round(l['epoch']): l['val_top5_error'] for l in run.evals}
+      step = max([l['step'] for l in run.train[-1:] + run.evals[-1:]], default=0)
+      self._progress_of[name] = run, (errors, top5, step)
+    return self._progress_of[name][1]
 
   def draw(self, records: Sequence[Record]) -> dict[str, Any]:
     """The parameters of the next trial (number len(records)): the k-th grid point, or a draw of

@@ -79,3 +79,49 @@ def test_plot_cli_draws_every_trial_of_a_sweep(tmp_path):
                                        str(tmp_path / 'single')]
   legend = curves.plot_runs(runs).axes[0].get_legend().get_texts()
   assert [t.get_text() for t in legend] == ['base', 'model.lrn=False', 'single']
+
+
+def test_tail_reads_appends_and_rereads_a_rewound_log(tmp_path):
+  """A Tail read after each change of a live run's log equals read_run of it (but for the train
+  lines before the last, with only_last_train): lines appended, a line written in parts, a log
+  rewritten atomically (a resumed run; as long as it was) or cut."""
+  from alexnet_jax import workdir
+  run_dir, path = tmp_path / 'a', tmp_path / 'a' / 'metrics.jsonl'
+  tail, last = curves.Tail(str(run_dir)), curves.Tail(str(run_dir), only_last_train=True)
+  assert tail.read() == last.read() == curves.Run(str(run_dir), [], [])  # not started yet
+
+  def read():
+    run, whole = tail.read(), curves.read_run(str(run_dir))
+    assert run == whole
+    assert last.read() == curves.Run(str(run_dir), whole.train[-1:], whole.evals)
+    return [l['step'] for l in run.train], [l['step'] for l in run.evals], run
+
+  def append(text):
+    with open(path, 'a') as f:
+      f.write(text)
+
+  write_run(run_dir, [0.01, 0.01])
+  train, evals, run = read()
+  assert (train, evals) == ([5, 10, 15, 20], [10, 20])
+  assert tail.read() is run  # nothing changed: nothing parsed nor built
+  lines = path.read_text().splitlines(keepends=True)
+  eval_30 = json.dumps({'step': 30, 'epoch': 3.0, 'val_top1_error': 0.2, 'val_top5_error': 0.1})
+  append(json.dumps({'step': 25, 'epoch': 2.5, 'train_loss': 0.1}) + '\n' + eval_30[:20])
+  assert read()[:2] == ([5, 10, 15, 20, 25], [10, 20])  # the eval line being written: not yet
+  append(eval_30[20:])  # whole, its newline not yet written
+  assert read()[:2] == ([5, 10, 15, 20, 25], [10, 20, 30])
+  append('\n' + json.dumps({'step': 20, 'epoch': 2.0, 'val_top1_error': 0.01}) + '\n')
+  train, evals, run = read()
+  assert evals == [10, 20, 30] and run.evals[1]['val_top1_error'] == 0.01  # the newest wins
+
+  # Resumed from step 10 (workdir.MetricLogger): a new file, here longer than the old one.
+  resumed = lines[:2] + [json.dumps({'step': 10, 'epoch': 1.0, 'train_loss': 9.0}) + '\n'] * 50
+  workdir.write_atomic(str(path), ''.join(resumed))
+  train, evals, run = read()
+  assert (train, evals, run.train[-1]['train_loss']) == ([5, 10], [], 9.0)
+  with open(path, 'w') as f:  # the same file, cut shorter
+    f.write(lines[0].replace('"train_loss": 0.4', '"train_loss": 7.0'))
+  train, evals, run = read()
+  assert (train, evals, run.train[0]['train_loss']) == ([5], [], 7.0)
+  os.remove(path)
+  assert tail.read() == last.read() == curves.Run(str(run_dir), [], [])

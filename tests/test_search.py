@@ -101,6 +101,14 @@ def test_tpe_sees_paused_and_finished_trials(tmp_path):
   assert [(t.state.name, t.value, t.intermediate_values) for t in view] == [
       ('PRUNED', None, {1: 0.5}), ('COMPLETE', 0.2, {1: 0.4, 3: 0.3, 9: 0.2})]
   assert set(tpe.draw(records)) == {'optimizer.learning_rate', 'optimizer.weight_decay'}
+  # The next poll reads what changed since: a line finished, a log rewound by a resumed run.
+  from alexnet_jax import workdir
+  with open(tmp_path / 'trial_002' / 'metrics.jsonl', 'a') as f:
+    f.write('0, "epoch": 1.0, "val_top1_error": 0.6, "val_top5_error": 0.3}\n')
+  first = (tmp_path / 'trial_001' / 'metrics.jsonl').read_text().splitlines(keepends=True)[0]
+  workdir.write_atomic(str(tmp_path / 'trial_001' / 'metrics.jsonl'), first)
+  assert [(r.errors, r.top5, r.step) for r in tpe.records()] == [
+      ({1: 0.5}, {1: 0.5}, 10), ({1: 0.4}, {1: 0.4}, 10), ({1: 0.6}, {1: 0.3}, 10)]
 
 
 def test_pause_at_epoch_is_checked_and_may_change_on_resume(tmp_path):
