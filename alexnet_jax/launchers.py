@@ -252,11 +252,12 @@ _TRANSIENT = re.compile(
 # squeue's pending reasons that waiting cannot clear: the job asks more than its partition's
 # nodes have or allow (CPUs, memory, GPUs, time, a --constraint), or what its QOS or account
 # never gives one job. Every other reason clears in time and is only shown: Resources, Priority,
-# BeginTime, JobArrayTaskLimit, Dependency, nodes DOWN, DRAINED or ReqNodeNotAvail (an admin
-# returns them after a maintenance), PartitionDown/Inactive, the Assoc*/QOS* group and per-user
-# limits (the user's other jobs end).
-_HOPELESS = re.compile(r'PartitionConfig|PartitionNodeLimit|PartitionTimeLimit|BadConstraints|'
-                       r'InvalidQOS|InvalidAccount|(?:Assoc|QOS)Max\w*PerJob\w*|QOSMin\w+')
+# BeginTime, JobArrayTaskLimit, Dependency, nodes DOWN, DRAINED or reserved, ReqNodeNotAvail and
+# PartitionNodeLimit (which SLURM also gives for those: a maintenance ends, and a restarted
+# slurmctld says ReqNodeNotAvail until slurmd registers again), PartitionDown/Inactive, the
+# Assoc*/QOS* group and per-user limits (the user's other jobs end).
+_HOPELESS = re.compile(r'PartitionConfig|PartitionTimeLimit|BadConstraints|InvalidQOS|'
+                       r'InvalidAccount|(?:Assoc|QOS)Max\w*PerJob\w*|QOSMin\w+')
 _QUEUED = ('PENDING', 'REQUEUED', 'REQUEUE_HOLD', 'REQUEUE_FED', 'CONFIGURING')
 _COMMAND_TIMEOUT_S = 120  # a SLURM command that has not answered by then is killed: a failed try
 _STOP_GRACE_S = 1  # a stopping controller waits this long for a squeue or sinfo that hangs

@@ -114,8 +114,12 @@ class Cluster:
                             f'--seed-file={munge}/seed'], f'{munge}/pid')
     self._daemon('slurmctld', ['-f', self.conf], self._ctld_pid_file)
     self._daemon('slurmd', ['-f', self.conf], os.path.join(self.dir, 'slurmd.pid'))
+    self._wait_for_node(timeout)
+
+  def _wait_for_node(self, timeout: float) -> None:
+    """Until slurmctld knows the node is up (idle, or running jobs), or stop() and raise."""
     deadline = time.time() + timeout
-    while self.run('sinfo', '-h', '-o', '%t', check=False).strip() != 'idle':
+    while self.run('sinfo', '-h', '-o', '%t', check=False).strip() not in ('idle', 'mix', 'alloc'):
       if time.time() > deadline:
         self.stop()
         raise RuntimeError(f'the SLURM node did not become idle within {timeout:g} s; see '
@@ -147,16 +151,12 @@ class Cluster:
     with contextlib.suppress(FileNotFoundError):  # it removes its pid file unless SIGKILLed
       os.remove(self._ctld_pid_file)
 
-  def start_controller(self, timeout: float = 30) -> None:
-    """Starts slurmctld again on its saved state (the jobs are kept) and waits until it answers."""
+  def start_controller(self, timeout: float = 60) -> None:
+    """Starts slurmctld again on its saved state (the jobs are kept) and waits until the node is
+    back (slurmd registers again within seconds; until then jobs pend: ReqNodeNotAvail)."""
     self._daemon('slurmctld', ['-f', self.conf], self._ctld_pid_file)
     self.pids.insert(1, self.pids.pop())  # stop() ends them in reverse order of start
-    deadline = time.time() + timeout
-    while 'UP' not in self.run('scontrol', 'ping', check=False):
-      if time.time() > deadline:
-        raise RuntimeError(f'slurmctld did not answer within {timeout:g} s of its restart; see '
-                           f'{self.dir}/slurmctld.log')
-      time.sleep(0.1)
+    self._wait_for_node(timeout)
 
   def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None,
           cwd: str | None = None) -> str:

@@ -1,5 +1,7 @@
 """The launchers' interface on tiny commands: tasks submitted at any time, their states, the
-files they leave, and (SLURM) a second launcher on the same directory re-attaching."""
+files they leave, and (SLURM) a second launcher on the same directory re-attaching, squeue's
+pending reasons, jobs that can never start, tries while slurmctld is down, and the signals sent
+to a controller's process group not reaching its SLURM commands."""
 
 import json
 import os
@@ -99,27 +101,23 @@ def test_slurm_cancels_jobs_that_can_never_start(slurm, tmp_path, monkeypatch):
 
 
 def test_slurm_retries_while_slurmctld_is_down(slurm, tmp_path, monkeypatch):
-  """squeue failing (slurmctld stopped): one line a try, the statuses once it is back; with no
-  tries left, ClusterError (squeue, sbatch alike); a stopping controller gets what is known."""
+  """squeue failing (slurmctld stopped): with no tries left, ClusterError (squeue, sbatch
+  alike); a stopping controller gets what is known at once; else one line a try, and the
+  statuses once slurmctld is back."""
   monkeypatch.setenv('SLURM_CONF', slurm.conf)
-  said = []
-  launcher = launchers.Slurm(str(tmp_path / 'slurm'), 1, launchers.SlurmResources(
+  directory, said = str(tmp_path / 'slurm'), []
+  launcher = launchers.Slurm(directory, 1, launchers.SlurmResources(
       mem_gb=0.5, time_min=5, options=('--begin=now+3600',), retry_minutes=1), say=said.append)
   launcher.submit([launchers.Task('later', OK, str(tmp_path / 'later'))])
   statuses = queued(launcher, ['later'])
   assert statuses['later'].reason == 'BeginTime'
-  once = launchers.Slurm(str(tmp_path / 'slurm'), 1, launchers.SlurmResources(retry_minutes=0))
+  stopping = launchers.Slurm(directory, 1, launchers.SlurmResources())
+  assert stopping.poll() == statuses
+  once = launchers.Slurm(directory, 1, launchers.SlurmResources(retry_minutes=0))
   monkeypatch.setenv('SLURM_CONF', slurm.quick_conf)  # a command gives up in 1 s, not 9
   slurm.stop_controller()
   try:
-    restart = threading.Timer(2, slurm.start_controller)
-    restart.start()
-    assert launcher.poll() == statuses
-    restart.join()
-    down = ('slurm_load_jobs error: Unable to contact slurm controller (connect failure)')
-    assert said and said[0] == (f'SLURM: squeue failed ({down}); trying again in 1 s, for at '
-                                f'most --slurm_retry_minutes=1.')
-    slurm.stop_controller()
+    down = 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)'
     with pytest.raises(launchers.ClusterError) as error:
       once.poll()
     assert str(error.value) == (
@@ -127,8 +125,14 @@ def test_slurm_retries_while_slurmctld_is_down(slurm, tmp_path, monkeypatch):
         f'the same command re-attaches to them (and submits the rest) once SLURM answers.')
     with pytest.raises(launchers.ClusterError, match='^sbatch failed .* Unable to contact'):
       once.submit([launchers.Task('other', OK, str(tmp_path / 'other'))])
-    threading.Timer(0.5, setattr, (launcher, 'stopping', True)).start()  # the relay's part
-    assert launcher.poll() == statuses  # what it knew, at once
+    threading.Timer(0.5, setattr, (stopping, 'stopping', True)).start()  # the relay's part
+    assert stopping.poll() == statuses  # what it knew, at once
+    restart = threading.Timer(2, slurm.start_controller)
+    restart.start()
+    assert launcher.poll() == statuses
+    restart.join()
+    assert said and said[0] == (f'SLURM: squeue failed ({down}); trying again in 1 s, for at '
+                                f'most --slurm_retry_minutes=1.')
   finally:
     if len(slurm.pids) < 3:
       slurm.start_controller()
