@@ -14,19 +14,26 @@ A `Task` is one command run in its own directory. A launcher
                              controller): polled, and sent signals, as if submitted here
     launcher.stop(signum)    a signal reached the controller: local tasks get it once (they save
                              a checkpoint and exit) and no queued one starts; SLURM jobs go on
-    launcher.stopping        set by the controller's `Relay` the moment a signal arrives
     launcher.detached        whether its tasks go on without the controller (SLURM: True)
+    launcher.stopping        set by the controller's `Relay` the moment a signal arrives: the
+                             launcher gives up waiting on anything (SLURM: retries of a failing
+                             squeue or sbatch) and `poll` returns what it knows
 
 A task's states: 'queued', 'running', and how it ended (alexnet_jax/errors.py says how a run
 reports each): 'done' (exit 0: a sweep's trial finished, a search's trial paused at its rung),
 'failed' (its config is the cause: a `ConfigError`, a non-finite stop, an exception, or the same
 interruption twice in a row; `Status.error` is its error line; it runs again only when asked),
 'interrupted' (a cause outside its config: SIGKILL from the OOM killer, a full disk, a lost lock
-race, a SLURM job that ended without a word; it resumes when submitted again) and 'stopped' (a
-signal stopped it, or it ended with no verdict recorded: it resumes when submitted again). What
+race; it resumes when submitted again) and 'stopped' (a signal stopped it: Ctrl-C, SLURM's time
+limit, pre-emption or scancel; or it ended with no verdict recorded: its controller was killed,
+its SLURM job vanished; it resumes when submitted again). What
 the task wrote is in its directory, which `poll` reads once a task is not queued or running:
 `log.txt` (the command's output, appended), `done`, `error.txt` or `interrupted.txt` (the
 error line), and `launched.json` (the pid of its running command).
+
+SLURM's troubles are errors of their own: `ClusterError` (an `Interrupted`: its commands kept
+failing for --slurm_retry_minutes; the jobs go on) and a ConfigError naming the flag to change
+when its jobs wait for what the cluster never gives (more CPUs than a node has).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import concurrent.futures
 import dataclasses
 import getpass
 import json
+import math
 import os
 import re
 import shlex
@@ -44,10 +52,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Protocol, Sequence, TypeVar
 
-from alexnet_jax.errors import EXIT_INTERRUPTED, STOPPED, ConfigError
+from alexnet_jax.errors import EXIT_INTERRUPTED, STOPPED, ConfigError, Interrupted
+
+_T = TypeVar('_T')
 
 STATES = ('queued', 'running', 'done', 'failed', 'interrupted', 'stopped')
 LIVE = STATES[:2]  # the launcher still has them
@@ -355,6 +366,43 @@ class SlurmResources:
   time_min: int = 24 * 60  # --time
   signal_s: int = 120  # SIGTERM this long before the time limit: the trial saves a checkpoint
   options: tuple[str, ...] = ()  # more sbatch options, as on its command line: '--qos=high'
+  retry_minutes: float = 5  # how long SLURM's commands are retried while they fail (transient)
+
+
+class ClusterError(Interrupted):
+  """SLURM's commands kept failing for --slurm_retry_minutes (slurmctld down or restarting, the
+  network, a submit limit): not the config's fault (exit 75); the jobs already submitted go on
+  and the same command re-attaches to them."""
+
+
+class _Failed(Exception):
+  """One try of a SLURM command failed in a way that may pass; the message is SLURM's."""
+
+
+# Failures that pass: slurmctld down, restarting or overloaded, the network, munge, a per-user
+# or per-account submit limit (AssocMaxSubmitJobLimit, QOSMaxSubmitJobPerUserLimit: the user's
+# own jobs ending frees it). Any other sbatch refusal is the flags' (an invalid partition, more
+# memory than a node has, an unknown option, a QOS or time limit): one line at once.
+_TRANSIENT = re.compile(
+    r'Unable to contact slurm controller|Socket timed out|Resource temporarily unavailable|'
+    r'temporarily unable|Connection (?:refused|reset|timed out)|Transport endpoint|'
+    r'Zero Bytes were transmitted|standby mode|Communication connection failure|MaxSubmitJob',
+    re.IGNORECASE)
+# squeue's pending reasons that waiting cannot clear: the job asks more than its partition's
+# nodes have or allow (CPUs, memory, GPUs, time, a --constraint), or what its QOS or account
+# never gives one job. Every other reason clears in time and is only shown: Resources, Priority,
+# BeginTime, JobArrayTaskLimit, Dependency, nodes DOWN, DRAINED or reserved, ReqNodeNotAvail and
+# PartitionNodeLimit (which SLURM also gives for those: a maintenance ends, and a restarted
+# slurmctld says ReqNodeNotAvail until slurmd registers again), PartitionDown/Inactive, the
+# Assoc*/QOS* group and per-user limits (the user's other jobs end).
+_HOPELESS = re.compile(r'PartitionConfig|PartitionTimeLimit|BadConstraints|InvalidQOS|'
+                       r'InvalidAccount|(?:Assoc|QOS)Max\w*PerJob\w*|QOSMin\w+')
+_QUEUED = ('PENDING', 'REQUEUED', 'REQUEUE_HOLD', 'REQUEUE_FED', 'CONFIGURING')
+_COMMAND_TIMEOUT_S = 120  # a SLURM command that has not answered by then is killed: a failed try
+_STOP_GRACE_S = 1  # a stopping controller waits this long for a squeue or sinfo that hangs
+_MAX_DELAY_S = 60  # between tries: 1 s, doubling up to this
+# The controller's sbatch, in a process of its own session: what submit_main reads on stdin.
+_SUBMIT = 'from alexnet_jax import launchers; launchers.submit_main()'
 
 
 def _sbatch_options(options: Sequence[str]) -> dict[str, Any]:
@@ -377,6 +425,35 @@ def check_slurm() -> None:
                       f'run the sweep on a SLURM login node, or use --launcher=local.')
 
 
+def _said(stderr: str, returncode: int) -> str:
+  """What a failed SLURM command said: its first error line (sbatch: 'sbatch: error: ...')."""
+  lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+  said = [l for l in lines if 'error:' in l] or lines[-1:] or [f'exit code {returncode}']
+  return said[0][:300]
+
+
+def _count(text: str) -> int:
+  """The number a sinfo field starts with ('8', '8000+'); 0 for none ('(null)')."""
+  return int(re.match(r'\d*', text).group() or 0)
+
+
+def _minutes(limit: str) -> int | None:
+  """sinfo's time limit ('infinite', '30:00', '2:00:00', '1-00:00:00') in whole minutes."""
+  match = re.fullmatch(r'(?:(\d+)-)?(?:(\d+):)?(\d+):\d+', limit)
+  if not match:
+    return None
+  days, hours, minutes = (int(g or 0) for g in match.groups())
+  return (days * 24 + hours) * 60 + minutes
+
+
+class _Job(NamedTuple):
+  """One of the user's jobs, as squeue shows it."""
+  state: str  # PENDING, RUNNING...
+  partition: str
+  reason: str  # why it is pending ('None' once it runs)
+  name: str
+
+
 class Slurm:
   """Each `submit` is one SLURM job array (one job per task, at most `parallel` of them running
   at once), submitted with submitit into `directory`/ (job scripts, pickles, one log per job).
@@ -384,20 +461,34 @@ class Slurm:
   What was submitted is recorded in `directory`/jobs.jsonl before and after each sbatch (the
   tasks in array order, then the job ids); `poll` reads it, so a new controller on the same
   directory re-attaches. States come from `squeue` (no accounting, no `sacct` needed) and, for a
-  job no longer in the queue, from its task's directory. An array whose ids were never recorded
-  (the controller died during sbatch) is found by its job name in the queue.
+  job no longer in the queue, from its task's directory; a queued task's `Status.reason` is
+  squeue's. An array whose ids were never recorded (the controller died during sbatch) is found
+  by its job name in the queue.
+
+  SLURM's commands run in their own session: the signals a terminal or `timeout` sends to the
+  controller's process group do not reach them. A command failing in a way that may pass
+  (slurmctld restarting, a timeout, a submit limit) is tried again, with one `say` line each,
+  for at most `resources.retry_minutes`; then `ClusterError`. Once `stopping` is set (the
+  controller's signal relay sets it) the tries end at once and `poll` returns what it knows.
+  Jobs pending for a reason waiting cannot clear (their partition's nodes have fewer CPUs than
+  they ask...) are cancelled, and `poll` raises the ConfigError naming the flag to change.
   """
 
   detached = True
-  stopping = False
 
-  def __init__(self, directory: str, parallel: int, resources: SlurmResources):
+  def __init__(self, directory: str, parallel: int, resources: SlurmResources,
+               say: Callable[[str], None] = print):
     check_slurm()
     if parallel < 1:
       raise ConfigError(f'--parallel={parallel}; it must be at least 1.')
-    self.directory, self.parallel, self.resources = directory, parallel, resources
+    if resources.retry_minutes < 0:
+      raise ConfigError(f'--slurm_retry_minutes={resources.retry_minutes:g}; it must be at '
+                        f'least 0.')
+    self.directory, self.parallel, self.resources, self.say = directory, parallel, resources, say
     self.records = os.path.join(directory, 'jobs.jsonl')
     self.options = _sbatch_options(resources.options)
+    self.stopping = False
+    self._known: dict[str, _Job] | None = None  # the queue squeue last showed
 
   def _record(self, entry: dict[str, Any]) -> None:
     os.makedirs(self.directory, exist_ok=True)
@@ -406,8 +497,66 @@ class Slurm:
       f.flush()
       os.fsync(f.fileno())
 
+  def _run(self, command: list[str], stdin: str = '', interruptible: bool = True,
+           env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+    """One try of a SLURM command in its own session: (exit status, stdout, stderr). A command
+    that hangs is killed after _COMMAND_TIMEOUT_S (an `interruptible` one soon after `stopping`
+    is set; sbatch is left to finish: a job array half submitted is worse than a late stop)."""
+    try:
+      process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env,
+                                 start_new_session=True)
+    except OSError as e:
+      raise _Failed(f'{command[0]}: {e.strerror}') from None
+    deadline = time.monotonic() + _COMMAND_TIMEOUT_S
+    while True:
+      try:
+        out, err = process.communicate(stdin or None, timeout=0.1)
+        return process.returncode, out, err
+      except subprocess.TimeoutExpired:
+        stdin = ''  # sent already
+      if self.stopping and interruptible:
+        deadline = min(deadline, time.monotonic() + _STOP_GRACE_S)
+      if time.monotonic() > deadline:
+        os.killpg(process.pid, signal.SIGKILL)  # its session's group: sbatch under the submitter
+        process.communicate()
+        raise _Failed(f'{os.path.basename(command[0])} did not answer within '
+                      f'{_COMMAND_TIMEOUT_S} s')
+
+  def _sleep(self, seconds: float) -> bool:
+    """Sleeps in short slices; True (at once) if the controller is stopping."""
+    end = time.monotonic() + seconds
+    while not self.stopping and time.monotonic() < end:
+      time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    return self.stopping
+
+  def _retrying(self, what: str, attempt: Callable[[], _T]) -> _T | None:
+    """`attempt()`, tried again while it fails in a way that may pass (`_Failed`), 1 s, 2 s,
+    4 s... apart with one line each, for at most retry_minutes; then ClusterError. None once
+    the controller is stopping: it reports what it knows instead of a cluster error."""
+    minutes = self.resources.retry_minutes
+    deadline, delay = time.monotonic() + 60 * minutes, 1.0
+    while True:
+      try:
+        return attempt()
+      except _Failed as e:
+        said = str(e)
+      left = deadline - time.monotonic()
+      if self.stopping:
+        return None
+      if left <= 0:
+        raise ClusterError(
+            f'{what} failed{f" for {minutes:g} minutes" if minutes else ""} '
+            f'(--slurm_retry_minutes={minutes:g}): {said}. The jobs already submitted go on; the '
+            f'same command re-attaches to them (and submits the rest) once SLURM answers.')
+      wait = min(delay, left)
+      self.say(f'SLURM: {what} failed ({said}); trying again in {wait:.3g} s, for at most '
+               f'--slurm_retry_minutes={minutes:g}.')
+      delay = min(2 * delay, _MAX_DELAY_S)
+      if self._sleep(wait):
+        return None
+
   def submit(self, tasks: Sequence[Task]) -> None:
-    import submitit
     if not tasks:
       return
     for task in tasks:
@@ -415,30 +564,48 @@ class Slurm:
     r = self.resources
     name = f'alexnet_jax-{uuid.uuid4().hex[:12]}'
     self._record({'name': name, 'tasks': [dataclasses.asdict(t) for t in tasks]})
-    executor = submitit.SlurmExecutor(folder=self.directory)
-    executor.update_parameters(
+    parameters = dict(
         job_name=name, time=r.time_min, cpus_per_task=r.cpus, array_parallelism=self.parallel,
         stderr_to_stdout=True, **({'partition': r.partition} if r.partition else {}),
         **({'gpus_per_node': r.gpus} if r.gpus else {}),
         **({'mem': f'{int(r.mem_gb * 1024)}M'} if r.mem_gb else {}),
         additional_parameters={'requeue': True, 'signal': f'TERM@{r.signal_s}', **self.options})
-    try:
-      with executor.batch():
-        jobs = [executor.submit(run_in_job, task) for task in tasks]
-    except Exception as e:  # sbatch's own words: the line that says why
-      said = [l.strip() for l in str(e).splitlines() if 'error:' in l] or [str(e).strip()]
-      raise ConfigError(f'sbatch refused the trials\' job array ({said[0][:300]}); fix '
-                        f'--slurm_partition or the other --slurm_* flags.') from None
-    self._record({'name': name, 'jobs': [job.job_id for job in jobs]})
+    request = json.dumps({'folder': self.directory, 'parameters': parameters,
+                          'tasks': [dataclasses.asdict(t) for t in tasks]})
+    jobs = self._retrying('sbatch', lambda: self._sbatch(request))
+    if jobs is not None:  # None: stopped before SLURM took them; a rerun submits them
+      self._record({'name': name, 'jobs': jobs})
 
-  def _queue(self) -> dict[str, tuple[str, str]]:
-    """{job id: (state, job name)} of this user's jobs in SLURM's queue."""
-    out = subprocess.run(['squeue', '-h', '-r', '-u', getpass.getuser(), '-o', '%i|%T|%j'],
-                         capture_output=True, text=True)
-    if out.returncode:
-      raise ConfigError(f'squeue failed ({out.stderr.strip()[-200:]}); is SLURM up?')
-    return {i: (state, name) for i, state, name in
-            (line.split('|', 2) for line in out.stdout.splitlines() if line.count('|') >= 2)}
+  def _sbatch(self, request: str) -> list[str]:
+    """One try of submit_main (submitit's sbatch) in its own session: the job ids."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # alexnet_jax's, for
+    path = os.pathsep.join(p for p in (root, os.environ.get('PYTHONPATH')) if p)  # it and jobs
+    code, out, err = self._run([sys.executable, '-c', _SUBMIT], request, interruptible=False,
+                               env={**os.environ, 'PYTHONPATH': path})
+    if code == 0:
+      return json.loads(out.strip().splitlines()[-1])
+    said = _said(err, code)
+    if code < 0 or self.stopping or _TRANSIENT.search(err):  # killed, or SLURM's words for a
+      raise _Failed(said)  # failure that passes (the retries end at once if stopping)
+    raise ConfigError(f'sbatch refused the trials\' job array ({said}); fix --slurm_partition '
+                      f'or the other --slurm_* flags.')
+
+  def _slurm(self, *command: str) -> str:
+    """One try of squeue, sinfo or scancel (any failure may pass: the arguments are ours)."""
+    code, out, err = self._run(list(command))
+    if code:
+      raise _Failed(_said(err, code))
+    return out
+
+  def _queue(self) -> dict[str, _Job] | None:
+    """{job id: _Job} of this user's jobs in SLURM's queue (squeue, retried); once stopping,
+    the queue squeue last showed (None if none)."""
+    out = self._retrying('squeue', lambda: self._slurm(
+        'squeue', '-h', '-r', '-u', getpass.getuser(), '-o', '%i|%T|%P|%r|%j'))
+    if out is not None:
+      self._known = {i: _Job(*fields) for i, *fields in
+                     (line.split('|', 4) for line in out.splitlines() if line.count('|') >= 4)}
+    return self._known
 
   def poll(self) -> dict[str, Status]:
     if not os.path.exists(self.records):
@@ -453,26 +620,88 @@ class Slurm:
         submissions.setdefault(entry['name'], {}).update(entry)
     queue = self._queue()
     statuses: dict[str, Status] = {}
+    pending: dict[str, list[str]] = {}  # submission: the ids of its queued jobs
+    hopeless: dict[str, _Job] = {}  # submission: a job of it pending for a reason that stays
     for name, submission in submissions.items():  # in submission order: the newest one wins
       tasks = [Task(**t) for t in submission.get('tasks', [])]
-      jobs = submission.get('jobs') or self._find(name, len(tasks), queue)
+      jobs = submission.get('jobs') or self._find(name, len(tasks), queue or {})
       if jobs is None:
         continue  # never submitted (sbatch refused it), or long gone: its tasks' files tell
-      for task, job in zip(tasks, jobs):
-        state = queue.get(job, (None,))[0]
-        log = os.path.join(self.directory, f'{job}_0_log.out')
-        if state is None:
-          statuses[task.name] = dataclasses.replace(finished(task.directory), log=log)
-        else:
-          statuses[task.name] = Status('queued' if state in ('PENDING', 'REQUEUED', 'REQUEUE_HOLD',
-                                                              'REQUEUE_FED', 'CONFIGURING')
-                                       else 'running', log=log)
+      for task, job_id in zip(tasks, jobs):
+        log = os.path.join(self.directory, f'{job_id}_0_log.out')
+        job = (queue or {}).get(job_id)
+        status = dataclasses.replace(finished(task.directory), log=log)
+        if queue is None and status.state == 'stopped':
+          status = Status('queued', log=log)  # stopped before squeue ever answered: unknown
+        elif job and job.state in _QUEUED:
+          status = Status('queued', log=log, reason='' if job.reason == 'None' else job.reason)
+          pending.setdefault(name, []).append(job_id)
+          if _HOPELESS.fullmatch(job.reason):
+            hopeless.setdefault(name, job)
+        elif job:
+          status = Status('running', log=log)
+        statuses[task.name] = status
+    if hopeless and not self.stopping:
+      self._give_up(hopeless, pending)
     return statuses
 
+  def _give_up(self, hopeless: Mapping[str, _Job], pending: Mapping[str, list[str]]) -> NoReturn:
+    """Cancels every queued job of the arrays that can never start (all of an array's jobs ask
+    the same) and raises the line that says which flag asks too much."""
+    line = self._cannot_start(next(iter(hopeless.values())))
+    ids = [job_id for name in hopeless for job_id in pending[name]]
+    if self._retrying('scancel', lambda: self._scancel(ids)):
+      raise ConfigError(f'{line} Their pending jobs were cancelled.')
+    raise ConfigError(f'{line} Cancel their pending jobs: scancel {" ".join(ids)}')
+
+  def _scancel(self, ids: Sequence[str]) -> bool:
+    """One try of scancel (a job that ended meanwhile is no failure)."""
+    code, _, err = self._run(['scancel', *ids], interruptible=False)
+    if code and _TRANSIENT.search(err):
+      raise _Failed(_said(err, code))
+    return True
+
+  def _cannot_start(self, job: _Job) -> str:
+    """Why jobs pending for `job.reason` never start: the flags that ask more than the nodes of
+    their partition have or allow (sinfo), or, if none does, all of them."""
+    r, partition = self.resources, job.partition
+    try:
+      out = self._slurm('sinfo', '-h', '-N', '-p', partition, '-o', '%c|%m|%G|%l')
+    except _Failed:
+      out = ''  # the limits unknown: the line names every flag
+    nodes = [line.split('|') for line in out.splitlines() if line.count('|') == 3]
+    asked = []  # (the flag that asks too much, what to pass instead)
+    if nodes:
+      where = f'the nodes of partition {partition}'
+      cpus, mem = (max(_count(n[k]) for n in nodes) for k in (0, 1))
+      gpus = max(sum(map(int, re.findall(r'gpu(?::[^:,(]+)?:(\d+)', n[2]))) for n in nodes)
+      limit = _minutes(nodes[0][3])
+      if r.cpus > cpus:
+        asked.append((f'--slurm_cpus={r.cpus} but {where} have at most {cpus} CPUs',
+                      f'--slurm_cpus={cpus} or less'))
+      if r.gpus > gpus:
+        asked.append((f'--slurm_gpus={r.gpus} but {where} have at most {gpus} GPUs',
+                      f'--slurm_gpus={gpus} or less' if gpus else 'another --slurm_partition'))
+      if int(r.mem_gb * 1024) > mem:
+        asked.append((f'--slurm_mem_gb={r.mem_gb:g} but {where} have at most {mem} MB',
+                      f'--slurm_mem_gb={math.floor(mem / 1024 * 100) / 100:g} or less'))
+      if limit is not None and r.time_min > limit:
+        asked.append((f'--slurm_time={r.time_min} but partition {partition} allows at most '
+                      f'{limit} minutes', f'--slurm_time={limit} or less'))
+    if asked:
+      return (f"the trials' jobs cannot start: {' and '.join(a for a, _ in asked)} (squeue: "
+              f"{job.reason}); pass {' and '.join(fix for _, fix in asked)}.")
+    flags = ' '.join([f'--slurm_cpus={r.cpus}', f'--slurm_gpus={r.gpus}',
+                      f'--slurm_mem_gb={r.mem_gb:g}', f'--slurm_time={r.time_min}',
+                      *(f'--slurm_option={o}' for o in r.options)])
+    return (f"the trials' jobs cannot start in partition {partition} (squeue: {job.reason}): it "
+            f"never gives what they ask; change --slurm_partition or the --slurm_* flags "
+            f"({flags}).")
+
   @staticmethod
-  def _find(name: str, count: int, queue: Mapping[str, tuple[str, str]]) -> list[str] | None:
+  def _find(name: str, count: int, queue: Mapping[str, _Job]) -> list[str] | None:
     """The job ids of submission `name`, from the queue (the controller died during sbatch)."""
-    ids = [i for i, (_, job_name) in queue.items() if job_name == name]
+    ids = [i for i, job in queue.items() if job.name == name]
     if not ids:
       return None
     array = ids[0].split('_')[0]
@@ -484,6 +713,23 @@ class Slurm:
 
   def stop(self, signum: int) -> None:
     del signum  # the jobs go on; the same command re-attaches to them
+    self.stopping = True
+
+
+def submit_main() -> None:
+  """The controller's sbatch (`Slurm._sbatch` runs it in its own session): submits the job array
+  of the JSON request on stdin with submitit and prints the job ids as JSON; sbatch's own words
+  on stderr if it refuses."""
+  import submitit
+  request = json.load(sys.stdin)
+  executor = submitit.SlurmExecutor(folder=request['folder'])
+  executor.update_parameters(**request['parameters'])
+  try:
+    with executor.batch():
+      jobs = [executor.submit(run_in_job, Task(**t)) for t in request['tasks']]
+  except Exception as e:  # submitit's FailedJobError: sbatch's stderr
+    sys.exit(str(e))
+  print(json.dumps([job.job_id for job in jobs]))
 
 
 def run_in_job(task: Task) -> None:

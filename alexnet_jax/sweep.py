@@ -65,6 +65,9 @@ def define_flags() -> None:
                        'stopped by it resumes when the sweep command runs again.')
   flags.DEFINE_multi_string('slurm_option', [], "More sbatch options for every trial job, as on "
                             "sbatch's command line (--slurm_option=--qos=high); repeatable.")
+  flags.DEFINE_float('slurm_retry_minutes', 5, "How long a SLURM command that fails in a way "
+                     'that may pass (slurmctld restarting, a timeout, a submit limit) is tried '
+                     'again, one line each; then one error line, and the jobs go on.')
   flags.mark_flags_as_required(['config', 'sweep', 'workdir'])
 
 
@@ -76,7 +79,8 @@ def make_launcher() -> launchers.Launcher:
                          launchers.SlurmResources(
                              FLAGS.slurm_partition, FLAGS.slurm_gpus, FLAGS.slurm_cpus,
                              FLAGS.slurm_mem_gb, FLAGS.slurm_time,
-                             options=tuple(FLAGS.slurm_option)))
+                             options=tuple(FLAGS.slurm_option),
+                             retry_minutes=FLAGS.slurm_retry_minutes))
 
 
 def main(args: list[str]) -> None:

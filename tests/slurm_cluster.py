@@ -9,10 +9,13 @@ no cgroups (proctrack/linuxproc, task/none): what Debian's `slurmctld slurmd slu
 packages need as root in a container. The node claims 8 CPUs whatever the machine has (jobs
 share the cores), so two 2-task jobs or two sweep trials fit at once. Every job a test runs is a
 record in `scontrol show job` (kept 30 minutes) and in DIR/jobcomp.txt (one line as each ends).
+slurmctld alone can be stopped and started again (an outage, a restart), and DIR/quick.conf
+points commands at the same cluster but makes them give up in 1 s, not 9 s, while it is down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import random
@@ -76,6 +79,7 @@ FirstJobId={first_job}
 MinJobAge=1800
 KillWait=60
 SchedulerParameters=sched_interval=1
+MessageTimeout={message_timeout}
 NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -88,6 +92,7 @@ class Cluster:
   def __init__(self, directory: str, timeout: float = 60):
     self.dir = os.path.abspath(directory)
     self.conf = os.path.join(self.dir, 'slurm.conf')
+    self.quick_conf = os.path.join(self.dir, 'quick.conf')  # for commands: MessageTimeout=1
     self.env = {**os.environ, 'SLURM_CONF': self.conf}
     self.pids: list[int] = []
     for sub in ('munge', 'state', 'spool'):
@@ -98,18 +103,23 @@ class Cluster:
       f.write(os.urandom(1024))
     os.chmod(key, 0o400)
     self.host = socket.gethostname().split('.')[0]
-    with open(self.conf, 'w') as f:
-      f.write(CONFIG.format(host=self.host, ctld_port=_free_port(), d_port=_free_port(),
-                            user=getpass.getuser(), dir=self.dir,
-                            first_job=random.randrange(1000, 60000)))
+    settings = dict(host=self.host, ctld_port=_free_port(), d_port=_free_port(),
+                    user=getpass.getuser(), dir=self.dir, first_job=random.randrange(1000, 60000))
+    for path, message_timeout in ((self.conf, 10), (self.quick_conf, 1)):
+      with open(path, 'w') as f:
+        f.write(CONFIG.format(message_timeout=message_timeout, **settings))
     munge = os.path.join(self.dir, 'munge')
     self._daemon('munged', ['--force', f'--socket={munge}/socket', f'--key-file={key}',
                             f'--log-file={munge}/log', f'--pid-file={munge}/pid',
                             f'--seed-file={munge}/seed'], f'{munge}/pid')
-    self._daemon('slurmctld', ['-f', self.conf], os.path.join(self.dir, 'slurmctld.pid'))
+    self._daemon('slurmctld', ['-f', self.conf], self._ctld_pid_file)
     self._daemon('slurmd', ['-f', self.conf], os.path.join(self.dir, 'slurmd.pid'))
+    self._wait_for_node(timeout)
+
+  def _wait_for_node(self, timeout: float) -> None:
+    """Until slurmctld knows the node is up (idle, or running jobs), or stop() and raise."""
     deadline = time.time() + timeout
-    while self.run('sinfo', '-h', '-o', '%t', check=False).strip() != 'idle':
+    while self.run('sinfo', '-h', '-o', '%t', check=False).strip() not in ('idle', 'mix', 'alloc'):
       if time.time() > deadline:
         self.stop()
         raise RuntimeError(f'the SLURM node did not become idle within {timeout:g} s; see '
@@ -129,6 +139,24 @@ class Cluster:
         raise RuntimeError(f'{name} wrote no pid file {pid_file}')
       time.sleep(0.05)
     self.pids.append(int(open(pid_file).read()))
+
+  @property
+  def _ctld_pid_file(self) -> str:
+    return os.path.join(self.dir, 'slurmctld.pid')
+
+  def stop_controller(self) -> None:
+    """Ends slurmctld alone, as an outage or a restart does: SLURM's commands fail until
+    `start_controller()`."""
+    _end(self.pids.pop(1))
+    with contextlib.suppress(FileNotFoundError):  # it removes its pid file unless SIGKILLed
+      os.remove(self._ctld_pid_file)
+
+  def start_controller(self, timeout: float = 60) -> None:
+    """Starts slurmctld again on its saved state (the jobs are kept) and waits until the node is
+    back (slurmd registers again within seconds; until then jobs pend: ReqNodeNotAvail)."""
+    self._daemon('slurmctld', ['-f', self.conf], self._ctld_pid_file)
+    self.pids.insert(1, self.pids.pop())  # stop() ends them in reverse order of start
+    self._wait_for_node(timeout)
 
   def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None,
           cwd: str | None = None) -> str:
@@ -152,19 +180,23 @@ class Cluster:
     if len(self.pids) == 3:
       self.run('scancel', '--full', '--user', getpass.getuser(), check=False)
     for pid in reversed(self.pids):
-      try:
-        os.kill(pid, signal.SIGTERM)
-      except ProcessLookupError:
-        continue
-      for _ in range(100):
-        try:
-          os.kill(pid, 0)
-        except ProcessLookupError:
-          break
-        time.sleep(0.1)
-      else:
-        os.kill(pid, signal.SIGKILL)
+      _end(pid)
     self.pids = []
+
+
+def _end(pid: int) -> None:
+  """Ends a daemon: SIGTERM, and SIGKILL if it is still there 10 s later."""
+  try:
+    os.kill(pid, signal.SIGTERM)
+  except ProcessLookupError:
+    return
+  for _ in range(100):
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.1)
+  os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == '__main__':
