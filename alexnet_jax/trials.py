@@ -446,7 +446,7 @@ def _control(trials: Sequence[Trial], config_path: str, workdir: str, parallel: 
             status = launchers.Status('queued')
           counts[status.state] += 1
           if status.state == 'queued' and status.reason:
-            waiting.add(status.reason)
+            waiting.add(status.reason[:40])
           if status.state in ('done', 'failed', 'interrupted') and trial.name not in reported:
             reported.add(trial.name)
             result = collect(trial, workdir)
