@@ -58,6 +58,8 @@ GROUP = {'SIGINT group': signal.SIGINT, 'SIGTERM group': signal.SIGTERM,
 LAUNCH = '$ python -m alexnet_jax.main'  # how launchers.run_task heads each start in log.txt
 SAVED = re.compile(r': val top-1 |Stopped by SIG\w+ at step|Paused at epoch')  # a checkpoint
 POLL_S = 0.5
+BY_EPOCHS = ('status', 'rung', 'epochs', 'val_top1_error', 'best_val_top1_error',
+             'val_top5_error')  # the results.csv fields that follow from the epochs trained
 
 
 def search_command(args, workdir: str, data_dir: str) -> list[str]:
@@ -258,6 +260,9 @@ def compare(search_dir: str, reference: str, watch: Watch, args) -> dict:
   lines = {n: metric_lines(os.path.join(search_dir, n)) for n in names}
   errors = {n: val_errors(l) for n, l in lines.items()}
   wrong_promotions = promotions_explained(watch, errors, args.reduction_factor, args.tolerance)
+  # Other promotions are ASHA's only in a search as complete as the reference (no trial failed).
+  asha_order = not wrong_promotions and set(rows) == set(ref_rows) and all(
+      r['status'] in ('done', 'paused') for r in [*rows.values(), *ref_rows.values()])
   out, differences, duplicates = [], 0, 0
   for name in names:
     got, want = lines[name], metric_lines(os.path.join(reference, name))
@@ -266,11 +271,8 @@ def compare(search_dir: str, reference: str, watch: Watch, args) -> dict:
     prefix = [l for l in got if l['step'] <= last] == [l for l in want if l['step'] <= last]
     if got == want and row == ref_row:
       verdict = 'identical'
-    elif (prefix and got and want and row and ref_row and not wrong_promotions and
-          {row['status'], ref_row['status']} <= {'done', 'paused'} and
-          all(row[k] == ref_row[k] for k in ref_header if k not in (
-              'status', 'rung', 'epochs', 'val_top1_error', 'best_val_top1_error',
-              'val_top5_error'))):
+    elif prefix and got and want and asha_order and all(
+        row[k] == ref_row[k] for k in ref_header if k not in BY_EPOCHS):
       verdict = (f'other epochs ({row["epochs"]}, reference {ref_row["epochs"]}): ASHA\'s order; '
                  f'equal over the epochs both trained')
     else:
@@ -338,6 +340,7 @@ def disturbed_round(index: int, args, command: Callable[[str], list[str]], state
                                      f'{args.run_timeout:.0f} s undisturbed; SIGKILLed', None, ''))
           process.kill()
           process.wait()
+          state['hangs'] += 1
         break
       if watch.wait(process, state['rng'].uniform(args.min_interval, args.max_interval)
                     ) is not None:
@@ -349,14 +352,18 @@ def disturbed_round(index: int, args, command: Callable[[str], list[str]], state
       state['left'] -= 1
       if kind == 'SIGKILL trial':
         pid = state['rng'].choice(sorted(running))
-        os.kill(pid, signal.SIGKILL)
+        try:
+          os.kill(pid, signal.SIGKILL)
+          target = f'{running[pid]} (pid {pid})'
+        except ProcessLookupError:
+          target = f'{running[pid]} (pid {pid}, which had just ended)'
         watch.wait(process, 3)  # what the controller makes of it
-        run['events'].append(event(state, index, run, kind, f'{running[pid]} (pid {pid})',
-                                   process.poll(), last_line(log_path)))
+        run['events'].append(event(state, index, run, kind, target, process.poll(),
+                                   last_line(log_path)))
         continue
       if kind == 'SIGKILL controller':
         process.kill()
-      else:
+      else:  # the controller is not reaped yet: its group exists
         os.killpg(process.pid, GROUP[kind])
       sent = time.time()
       returncode = watch.wait(process, args.exit_timeout)
@@ -365,6 +372,7 @@ def disturbed_round(index: int, args, command: Callable[[str], list[str]], state
       if returncode is None:
         process.kill()
         process.wait()
+        state['hangs'] += 1
       run['by'] = kind
       run['events'].append(event(state, index, run, kind, f'controller pid {process.pid}' +
                                  ('' if kind == 'SIGKILL controller' else ' and its group'),
@@ -485,7 +493,8 @@ def main() -> None:
   data_dir = os.path.join(args.workdir, 'tfds')
   command = lambda search_dir: search_command(args, search_dir, data_dir)
   rng = random.Random(args.seed)
-  state = {'t0': time.time(), 'left': args.disturbances, 'rng': rng, 'bag': Bag(kinds, rng)}
+  state = {'t0': time.time(), 'left': args.disturbances, 'rng': rng, 'bag': Bag(kinds, rng),
+           'hangs': 0}
   lines: list[str] = []
   say = lambda text: (print(text, flush=True), lines.append(text))
   try:
@@ -510,9 +519,9 @@ def main() -> None:
       os.path.join(reference, n))) for n in trial_names(reference)}, args.reduction_factor,
                                    args.tolerance)
   passed = (all(r[3] and not r[4]['differences'] and not r[4]['duplicates'] for r in rounds)
-            and not leftovers)
+            and not leftovers and not state['hangs'])
   write_report(args, command, ref_seconds, disturbed_seconds, rounds, leftovers, ref_check,
-               passed)
+               state, passed)
   say(f'{"PASSED" if passed else "FAILED"}: ' + '; '.join(
       f'disturbed_{i}: {r[4]["differences"]} differences, {r[4]["duplicates"]} duplicate starts'
       for i, r in enumerate(rounds, 1)) + f'; wrote {args.out}')
@@ -524,7 +533,7 @@ def cell(text) -> str:
 
 
 def write_report(args, command, ref_seconds: float, disturbed_seconds: float, rounds: list,
-                 leftovers: list[str], ref_check: list[str], passed: bool) -> None:
+                 leftovers: list[str], ref_check: list[str], state: dict, passed: bool) -> None:
   events = [e for r in rounds for run in r[2] for e in run['events']]
   counts = {k: sum(e['kind'] == k for e in events) for k in KINDS}
   argv = ' '.join(sys.argv[1:])
@@ -543,6 +552,9 @@ def write_report(args, command, ref_seconds: float, disturbed_seconds: float, ro
          'Disturbances sent: ' + ', '.join(f'{k} {n}' for k, n in counts.items() if n) + '.', '',
          f'The reference\'s own promotions are what ASHA decides for the order seen: '
          f'{"yes" if not ref_check else "NO: " + "; ".join(ref_check)}.', '']
+  if state['hangs']:
+    out += [f'**Controllers still running when their time was up (killed): {state["hangs"]}.**',
+            '']
   if leftovers:
     out += [f'**Left running when the soak ended (killed):** {", ".join(leftovers)}.', '']
   for i, (search_dir, watch, runs, finished, result) in enumerate(rounds, 1):
