@@ -549,7 +549,8 @@ def write_report(args, command, ref_seconds: float, disturbed_seconds: float, ro
          f'Wall time: reference {ref_seconds:.0f} s; disturbed {disturbed_seconds:.0f} s '
          f'({sum(len(r[2]) for r in rounds)} controller runs in {len(rounds)} '
          f'search{"es" if len(rounds) > 1 else ""}).', '',
-         'Disturbances sent: ' + ', '.join(f'{k} {n}' for k, n in counts.items() if n) + '.', '',
+         'Disturbances sent: ' + (', '.join(f'{k} {n}' for k, n in counts.items() if n) or
+                                  'none') + '.', '',
          f'The reference\'s own promotions are what ASHA decides for the order seen: '
          f'{"yes" if not ref_check else "NO: " + "; ".join(ref_check)}.', '']
   if state['hangs']:
