@@ -369,7 +369,8 @@ class Search:
     rung (it resumes), else ASHA's promotion, else a new trial while the budget lasts."""
     for r in records:
       if r.live and r.trial.name not in busy and r.reached < r.target:
-        return r.trial, r.target, 'resumes' if r.errors else 'starts'
+        started = os.path.exists(os.path.join(self.workdir, r.trial.name, 'log.txt'))
+        return r.trial, r.target, 'resumes' if started else 'starts'
     progress = {r.trial.number: asha.Progress(
         r.target, r.errors, r.live and r.trial.name not in busy and r.reached >= r.target)
         for r in records}
@@ -574,7 +575,9 @@ def _judge(search: Search, record: Record, status: launchers.Status, launched: M
     error = f'exit code 0 at step {record.step} with no progress, short of its rung'
     workdir_lib.write_atomic(launchers.error_path(trial_dir), error + '\n')
   else:
-    if (status.state == 'interrupted' or stalled) and name not in held:
+    # Interrupted under this controller: held for the next run of the command (an interruption
+    # an earlier run recorded resumes now).
+    if ((status.state == 'interrupted' and name in launched) or stalled) and name not in held:
       held.add(name)
       why = (f'interrupted ({status.error})' if status.state == 'interrupted' else
              f'ended with no progress, short of its rung ({status.state})')
