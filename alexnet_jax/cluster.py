@@ -5,10 +5,11 @@ takes together at every step: does the run stop here.
 Why our own agreement and not JAX's preemption service: `jax.distributed.initialize` installs a
 C++ SIGTERM handler (the preemption notifier) that turns a SIGTERM into a notice to every process
 and `multihost_utils.reached_preemption_sync_point(step)` into an agreed step. It knows SIGTERM
-only (not SIGINT, nor "signal again to stop at once"), agrees on "the step after the fastest
-process", not on our next log step, and the Python handler the loop installs replaces it anyway.
-So `start` turns that service off (a SIGTERM before the loop ends a process, as in a one-process
-run) and `Stop` below does the same job over the same coordination service, for every signal.
+only (not SIGINT or SIGHUP, nor "signal again to stop at once") and agrees on "the step after
+the fastest process", not on our next log step. So `start` turns that service off (its handler
+would replace the one main installs before, workdir.StopSignal, which also stops a process that
+has not reached the loop yet) and `Stop` below does the same job over the same coordination
+service, for every signal.
 """
 
 from __future__ import annotations
@@ -84,10 +85,10 @@ def start(coordinator_address: str | None, num_processes: int | None, process_id
 class Stop:
   """Whether the run stops at a step, the same answer in every process, asked once a step.
 
-  A signal (SIGTERM, SIGINT) to any process stops every process at the same step, the first log
-  step all of them can still reach, so the resumed run logs what an uninterrupted one does; a
-  second signal to any process stops all at the first step all can reach. With one process that
-  is the step the signal is seen at, or the next log step (no communication at all).
+  A signal (SIGINT, SIGTERM, SIGHUP) to any process stops every process at the same step, the
+  first log step all of them can still reach, so the resumed run logs what an uninterrupted one
+  does; a second signal to any process stops all at the first step all can reach. With one
+  process that is the step the signal is seen at, or the next log step (no communication at all).
 
   With several processes (JAX's coordination service, key-value store): a process that received
   a signal posts a notice for each process; a thread in every process, woken by it, posts the

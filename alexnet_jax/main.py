@@ -1,15 +1,20 @@
 """Entry point: `python -m alexnet_jax.main --config=configs/default.py --workdir=DIR`.
 
 Any config field can be overridden on the command line: `--config.train.batch_size=256`.
-Running the same command again on the same workdir resumes from its newest checkpoint.
+Running the same command again on the same workdir resumes from its newest checkpoint. SIGINT,
+SIGTERM and SIGHUP stop the run (alexnet_jax/workdir.py's StopSignal): at its next log step with
+a checkpoint once training has started, else at once; either way it says so and exits 0.
 """
 
 from __future__ import annotations
+
+import signal
 
 from absl import flags
 from ml_collections import config_flags
 
 from alexnet_jax import cli
+from alexnet_jax.errors import STOPPED
 
 FLAGS = flags.FLAGS
 
@@ -35,10 +40,22 @@ def define_flags() -> None:
 
 def main(args: list[str]) -> None:
   del args  # none: cli.run refuses them
-  from alexnet_jax import cluster, train  # imported late so --help stays fast
-  cluster.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                FLAGS.distributed, FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from alexnet_jax import workdir  # light (no JAX yet): the signals are handled from here on
+  with workdir.StopSignal() as signals:
+    try:
+      # Imported late so --help stays fast; TensorFlow (input_pipeline) too, so that a signal
+      # held until these imports are over stops the run here.
+      from alexnet_jax import cluster, input_pipeline, train  # noqa: F401
+      signals.check()
+      cluster.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                    FLAGS.distributed, FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, signals=signals)
+    except BaseException:  # a Stopped, or what code it interrupted made of it
+      if signals.early is None:
+        raise
+      # Whatever the run had taken (lock, files) was released on the way here.
+      print(f'{STOPPED}{signal.Signals(signals.early).name} before training started; run the '
+            f'same command to start.', flush=True)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -23,7 +24,7 @@ import tqdm
 
 from alexnet_jax import checkpoints, cluster, experiment, models, optim, steps
 from alexnet_jax import workdir as workdir_lib
-from alexnet_jax.errors import ConfigError, TrainingStopped
+from alexnet_jax.errors import STOPPED, ConfigError, Interrupted, TrainingStopped
 from alexnet_jax.parallel import Parallel
 
 if TYPE_CHECKING:
@@ -163,12 +164,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       batch_hook: BatchHook | None = None) -> dict[str, float]:
+                       batch_hook: BatchHook | None = None,
+                       signals: workdir_lib.StopSignal | None = None) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last eval.
 
   Every check runs before anything is written to `workdir`; then the run takes the workdir's lock
-  for its whole life. `batch_hook` (tests) may alter the host batches.
+  for its whole life. `signals`: the stop signals' handler, installed by the caller (main) or
+  else here; one before the loop raises `workdir.Stopped` once all that was taken is released.
+  `batch_hook` (tests) may alter the host batches.
   """
+  if signals is None:
+    with workdir_lib.StopSignal() as signals:
+      return train_and_evaluate(config, workdir, batch_hook, signals)
   run = prepare(config, workdir)
   with workdir_lib.Lock(workdir) as lock:
     note = lock.acquire()
@@ -176,12 +183,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.write_class_names(workdir, run.train_split.class_names)
     with contextlib.closing(checkpoints.make_manager(
         workdir, config.train.checkpoint_max_to_keep)) as manager, Loop(run, manager) as loop:
-      state = resume(manager, run.state, run.experiment.parallel, workdir, loop.say)
+      with signals.held():  # orbax would take an exception inside its restore for damage
+        state = resume(manager, run.state, run.experiment.parallel, workdir, loop.say)
       start, last_eval = int(state.step), {}
       batches = loop.start(start, batch_hook, [note] if note else [])
       state = run.experiment.parallel.put_state(state)
-      with workdir_lib.StopSignal() as signals, cluster.Stop(
-          signals, run.next_log_step, loop.say) as stop:
+      signals.looping()
+      logging.info('Process %d trains steps %d-%d; a stop signal stops it at a log step now.',
+                   jax.process_index(), start + 1, run.last_step)
+      with cluster.Stop(signals, run.next_log_step, loop.say) as stop:
         for step in range(start + 1, run.last_step + 1):
           state = loop.train_step(step, state, batches)
           epoch_end = step % run.steps_per_epoch == 0 or step == run.total_steps
@@ -197,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             save(manager, step, run.experiment.parallel.checkpointable(state),
                  last_eval if epoch_end else None)
           if stopping:  # the save above has returned
-            loop.say(f'Stopped by {signal.Signals(stopping).name} at step {step} (epoch '
+            loop.say(f'{STOPPED}{signal.Signals(stopping).name} at step {step} (epoch '
                      f'{run.epoch(step):.2f}); checkpoint {step} saved in {manager.directory}. '
                      f'Run the same command to resume.')
             break
@@ -348,12 +358,13 @@ class Profiler:
 
 def save(manager: Any, step: int, state: steps.TrainState,
          metrics: dict[str, float] | None) -> None:
-  """Checkpoint `step`; a failure (a full disk) stops the run in one line, the last one intact."""
+  """Checkpoint `step`; a failure (a full disk) interrupts the run in one line, the last one
+  intact."""
   try:
     checkpoints.save(manager, step, state, metrics)
   except Exception as e:  # OSError, or tensorstore's ValueError naming the os error
     last = manager.latest_step()
-    raise TrainingStopped(
+    raise Interrupted(
         f'could not write checkpoint {step} to {manager.directory} ({checkpoints.reason(e)}); '
         f'the previous checkpoint ({f"step {last}" if last is not None else "none"}) is intact. '
         f'Free disk space and run the same command to resume.') from e

@@ -13,19 +13,20 @@ whole or not at all (`write_atomic`), so a kill at any moment leaves either the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
 import os
 import signal
 import socket
+import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-import jax
 import ml_collections
 
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import ConfigError, Interrupted
 
 # Fields a resumed run may change: run length, logging, paths, and how devices share the work.
 RESUMABLE = ('parallelism', 'dataset.data_dir', 'dataset.manual_dir', 'train.num_epochs',
@@ -64,13 +65,24 @@ def check_readable(workdir: str, flag: str = '--workdir') -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+  """Writes `text` to a temporary file beside `path`, then renames it over `path`; a failure or
+  a stop signal on the way leaves no temporary file."""
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _is_main_process() -> bool:
+  import jax  # here, not at the top: main.py imports this module (StopSignal) before JAX loads
+  return jax.process_index() == 0
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -138,13 +150,13 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the config of the run (once all checks passed); the next start compares to it."""
-  if jax.process_index() == 0:
+  if _is_main_process():
     os.makedirs(workdir, exist_ok=True)
     write_atomic(os.path.join(workdir, CONFIG), config.to_json_best_effort(indent=2))
 
 
 def write_class_names(workdir: str, names: Sequence[str]) -> None:
-  if jax.process_index() == 0:
+  if _is_main_process():
     os.makedirs(workdir, exist_ok=True)
     write_atomic(os.path.join(workdir, CLASS_NAMES), ''.join(f'{name}\n' for name in names))
 
@@ -174,8 +186,9 @@ class Lock:
 
   def acquire(self) -> str | None:
     """Takes the lock; returns a one-line note if it took over from a run that died, raises
-    ConfigError if a live run holds it."""
-    if jax.process_index() != 0:
+    Interrupted if a live run holds it (not the config's fault: the same command starts once
+    that run has ended)."""
+    if not _is_main_process():
       return None
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -184,16 +197,16 @@ class Lock:
     except BlockingIOError:
       holder = os.read(fd, 1000).decode(errors='replace').strip() or 'another process'
       os.close(fd)
-      raise ConfigError(f'workdir {os.path.dirname(self.path)} is in use by {holder} (holder '
+      raise Interrupted(f'workdir {os.path.dirname(self.path)} is in use by {holder} (holder '
                         f'of {self.path}); wait for that run to end or stop it, or use another '
                         f'--workdir.') from None
+    self._fd = fd  # held from here: `release` clears whatever a stop signal leaves written
     previous = os.read(fd, 1000).decode(errors='replace').strip()
     me = (f'pid {os.getpid()} on {socket.gethostname()} since '
           f'{datetime.datetime.now().isoformat(sep=" ", timespec="seconds")}')
     os.ftruncate(fd, 0)
     os.pwrite(fd, me.encode() + b'\n', 0)
     os.fsync(fd)
-    self._fd = fd
     return f'Took over {self.path} from {previous}, which ended without releasing it.' if (
         previous) else None
 
@@ -292,24 +305,106 @@ class MetricLogger:
         self._tb.close()
 
 
+def _importing(frame: Any) -> bool:
+  """Whether the main thread is executing an import (Python's import machinery is on its stack)."""
+  while frame is not None:
+    if frame.f_code.co_filename.startswith('<frozen importlib'):
+      return True
+    frame = frame.f_back
+  return False
+
+
+class Stopped(BaseException):
+  """A stop signal before the training loop began: it unwinds the start (every `with` releases
+  what it holds) up to main, which says so and exits 0. A BaseException, as KeyboardInterrupt,
+  so that no `except Exception` on the way (ours or a library's) takes it for an error."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
 class StopSignal:
-  """Within `with`, SIGTERM/SIGINT only set `received` (and count them): the loop checkpoints at
-  its next log step, or at once on a second signal (`cluster.Stop` decides when, for every
-  process together)."""
+  """The signals that stop a run: SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's pre-emption) and
+  SIGHUP (a closed terminal, a dropped ssh), from `with` on.
+
+  Before `looping()` (the training loop begins) a signal raises `Stopped` where the main thread
+  is (data preparation, building the model...): there is nothing to save yet. Not inside an
+  import (a C extension initialising would turn it into its own ImportError, or print it and
+  drop it) nor within `held()`: there it is raised once they are over (main's `check()` after
+  its imports, the end of `held()`); one a library drops, by the next signal or `check()`, and
+  `looping()` at the latest. From `looping()` on a signal only sets `received` and counts: the
+  loop checkpoints at its next log step, or at once on a second signal (`cluster.Stop` decides
+  when, for every process together). Main installs one as it starts; `train_and_evaluate`
+  installs its own when called without one.
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
   def __init__(self):
     self.received: int | None = None
     self.count = 0
+    self.early: int | None = None  # the first signal before the loop
+    self._raised = False  # a Stopped is on its way up: more signals do not interrupt it
+    self._holding = self._looping = False
 
   def __enter__(self) -> 'StopSignal':
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Known now, as a hung-up terminal no longer answers isatty.
+    self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = self._unraisable
     return self
 
+  def check(self) -> None:
+    """Raises `Stopped` if a signal came and was held or dropped on the way."""
+    if self.early is not None:
+      self._raised = True
+      raise Stopped(self.early)
+
+  @contextlib.contextmanager
+  def held(self) -> Iterator[None]:
+    """Within `with`, a signal before the loop is held, and raised at its end: for code that
+    takes an exception inside it for something else (orbax: for a damaged checkpoint)."""
+    self._holding = True
+    try:
+      yield
+    finally:
+      self._holding = False
+    self.check()
+
+  def looping(self) -> None:
+    """The training loop begins: from now on a signal stops it at a step, with a checkpoint."""
+    self.check()
+    self._looping = True
+
   def _handle(self, signum, frame) -> None:
-    del frame
+    if signum == signal.SIGHUP:
+      # The terminal is gone: every write to it fails (EIO), which would end the run before it
+      # saves. What it would have shown goes nowhere instead.
+      null = os.open(os.devnull, os.O_WRONLY)
+      for fd in self._terminals:
+        os.dup2(null, fd)
+      os.close(null)
     self.received = signum
     self.count += 1
+    if self._looping or self._raised:
+      return
+    self.early = self.early or signum
+    if not (self._holding or _importing(frame)):
+      self._raised = True
+      raise Stopped(signum)
+
+  def _unraisable(self, unraisable: Any) -> None:
+    """A Stopped raised in a `__del__` or a gc callback (JAX runs one at every collection) is
+    dropped there, silently: it is raised again by the next `check()` or signal."""
+    if isinstance(unraisable.exc_value, Stopped):
+      self._raised = False
+    else:
+      self._previous_hook(unraisable)
 
   def __exit__(self, *exc) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+    if sys.unraisablehook == self._unraisable:  # else a later hook calls this one: keep it
+      sys.unraisablehook = self._previous_hook

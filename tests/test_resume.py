@@ -1,5 +1,6 @@
 """Never lose a run: kill -9 and resume bit-identically, SIGTERM, non-finite steps, bad inputs."""
 
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from alexnet_jax.errors import EXIT_INTERRUPTED, STOPPED
 from alexnet_jax.workdir import WALL_CLOCK_METRICS
 from conftest import REPO, tiny_config
 
@@ -96,7 +98,30 @@ def reference(tmp_path_factory, digits_dir):
   return workdir
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path, digits_dir, reference):
+def catches(pid, signum):
+  """Whether the process has a handler for `signum` (main installs one for SIGHUP as it starts)."""
+  with open(f'/proc/{pid}/status') as f:
+    caught = next(int(l.split()[1], 16) for l in f if l.startswith('SigCgt:'))
+  return bool(caught & (1 << (signum - 1)))
+
+
+def test_ctrl_c_before_the_loop_then_kill_9_in_it_then_resume_is_bit_identical(
+    tmp_path, digits_dir, reference):
+  # Ctrl-C (SIGINT to the process group) as main starts, while it imports: stopped, exit 0.
+  proc = subprocess.Popen(command(tmp_path, digits_dir, '--config.train.num_train_steps=26'),
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  deadline = time.time() + 300
+  while not catches(proc.pid, signal.SIGHUP) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  os.killpg(proc.pid, signal.SIGINT)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+  assert [l for l in output.splitlines() if l.startswith(STOPPED)] == [
+      'Stopped by SIGINT before training started; run the same command to start.'], output[-3000:]
+  assert not os.listdir(tmp_path)  # it stopped before writing anything
+
   kill_after = random.Random().randint(5, 21)
   proc = subprocess.Popen(command(tmp_path, digits_dir, '--config.train.num_train_steps=26'),
                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,30 +151,55 @@ def test_keeps_latest_and_best(reference):
   assert 22 in steps(reference)
 
 
-def test_sigterm_checkpoints_and_exits_0(tmp_path, digits_dir):
-  proc = subprocess.Popen(command(tmp_path, digits_dir, '--config.train.num_train_steps=500'),
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def stop_in_the_loop(workdir, digits_dir, signum, on_a_terminal=False):
+  """Starts a long run and sends it `signum` once it has logged past its start: it exits 0 with
+  a checkpoint at the step it logged last, a log step. Returns its output and that step. With
+  `on_a_terminal` its stdout and stderr are a terminal (a pty) that hangs up right after the
+  signal; the output is what the terminal showed until then."""
+  start = logged_step(workdir)
+  terminal, tty = os.openpty() if on_a_terminal else (None, None)
+  proc = subprocess.Popen(command(workdir, digits_dir, '--config.train.num_train_steps=500'),
+                          cwd=REPO, stdout=tty or subprocess.PIPE, stderr=tty or subprocess.STDOUT,
+                          text=True)
+  shown = b''
+  if terminal is not None:
+    os.close(tty)
+    os.set_blocking(terminal, False)
   deadline = time.time() + 300
-  while logged_step(tmp_path) < 3 and proc.poll() is None and time.time() < deadline:
+  while logged_step(workdir) < start + 3 and proc.poll() is None and time.time() < deadline:
+    if terminal is not None:
+      with contextlib.suppress(BlockingIOError):
+        shown += os.read(terminal, 1 << 16)  # drained, so that no write blocks
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  output, _ = proc.communicate(timeout=300)
+  proc.send_signal(signum)
+  if terminal is not None:
+    os.close(terminal)  # from now on every write to it fails (EIO)
+  output = proc.communicate(timeout=300)[0] or shown.decode(errors='replace')
   assert proc.returncode == 0, output[-3000:]
-  stopped = [l for l in output.splitlines() if 'Stopped by SIGTERM at step' in l]
-  assert stopped, output[-3000:]
-  step = int(stopped[0].split('at step ')[1].split()[0])
-  assert f'checkpoint {step} saved' in stopped[0]
-  assert steps(tmp_path)[-1] == step
-  out = run(tmp_path, digits_dir, f'--config.train.num_train_steps={step + 2}')
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f'Resuming from step {step}' in out.stdout + out.stderr
+  step = logged_step(workdir)
+  assert step % 2 == 0 and steps(workdir)[-1] == step > start + 2
+  if terminal is None:
+    assert [l for l in output.splitlines() if l.startswith(STOPPED)] == [
+        f'Stopped by {signal.Signals(signum).name} at step {step} (epoch {step / 22:.2f}); '
+        f'checkpoint {step} saved in {workdir / "checkpoints"}. Run the same command to '
+        f'resume.'], output[-3000:]
+  return output, step
+
+
+def test_sighup_checkpoints_and_exits_0_even_when_its_terminal_is_gone(tmp_path, digits_dir):
+  """A closed terminal or a dropped ssh: SIGHUP; the terminal may be gone already, so that
+  every write to it fails (the run's own lines, the progress bar)."""
+  _, step = stop_in_the_loop(tmp_path, digits_dir, signal.SIGHUP)
+  output, _ = stop_in_the_loop(tmp_path, digits_dir, signal.SIGHUP, on_a_terminal=True)
+  assert f'Resuming from step {step}' in output
 
 
 def test_signal_during_the_metrics_fetch_is_saved_before_it_is_reported(config, tmp_path,
                                                                         monkeypatch, capsys):
   """The loop blocks on the device at every log step; a signal landing in that wait is acted on
-  at the next step: checkpoint first, then the message."""
-  from alexnet_jax import checkpoints, parallel, train
+  at the next step: checkpoint first, then the message. A signal before the loop changes
+  nothing."""
+  from alexnet_jax import checkpoints, parallel, train, workdir
   config.train.num_train_steps = 6  # 89 steps an epoch: no epoch end, no periodic checkpoint
   real_get, sent = parallel.Parallel.get, []
 
@@ -170,6 +220,15 @@ def test_signal_during_the_metrics_fetch_is_saved_before_it_is_reported(config, 
           f'{tmp_path / "checkpoints"}. Run the same command to resume.') in out, out
   assert checkpoints.all_steps(str(tmp_path)) == [4]
   monkeypatch.undo()
+  # Ctrl-C before the loop (as the state goes to the devices, the last thing before it): the
+  # start unwinds, releasing what it took (the lock's text too); the workdir is as it was.
+  before = sizes(tmp_path)
+  monkeypatch.setattr(parallel.Parallel, 'put_state',
+                      lambda self, state: os.kill(os.getpid(), signal.SIGINT))
+  with pytest.raises(workdir.Stopped):
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  assert sizes(tmp_path) == before and (tmp_path / 'lock').read_text() == ''
   train.train_and_evaluate(config, str(tmp_path))
   assert 'Resuming from step 4' in capsys.readouterr().out
   assert checkpoints.all_steps(str(tmp_path)) == [4, 6]
@@ -250,7 +309,7 @@ def test_one_run_per_workdir(digits_dir, reference):
     holder = (reference / 'lock').read_text().strip()
     out = run(reference, digits_dir, '--config.train.num_train_steps=30')
   assert holder.startswith(f'pid {os.getpid()} on ')
-  assert out.returncode == 1
+  assert out.returncode == EXIT_INTERRUPTED  # not the config's fault: the same command resumes
   assert out.stderr.strip().splitlines()[-1] == (
       f'error: workdir {reference} is in use by {holder} (holder of {reference / "lock"}); wait '
       f'for that run to end or stop it, or use another --workdir.')
@@ -404,7 +463,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, digits_dir, reference):
   out = subprocess.run(small_files + command(tmp_path, digits_dir,
                                              '--config.train.num_train_steps=30'),
                        cwd=REPO, capture_output=True, text=True)
-  assert out.returncode != 0
+  assert out.returncode == EXIT_INTERRUPTED, out.stderr[-2000:]
   assert 'error: could not write checkpoint 28' in out.stderr, out.stderr[-2000:]
   assert 'the previous checkpoint (step 26) is intact' in out.stderr
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]

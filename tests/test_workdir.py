@@ -28,7 +28,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
          f'workdir.Lock({str(tmp_path)!r}).acquire()'],
         cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 1
-    assert (f'alexnet_jax.errors.ConfigError: workdir {tmp_path} is in use by {me.strip()} '
+    assert (f'alexnet_jax.errors.Interrupted: workdir {tmp_path} is in use by {me.strip()} '
             f'(holder of {tmp_path / "lock"}); wait for that run to end or stop it, or use another '
             f'--workdir.') in out.stderr
   assert (tmp_path / 'lock').read_text() == ''  # released cleanly: the next start takes no note
@@ -94,7 +94,46 @@ def test_write_atomic_replaces_whole(tmp_path):
   workdir.write_atomic(path, 'old')
   workdir.write_atomic(path, 'new')
   assert open(path).read() == 'new'
+  with pytest.raises(UnicodeEncodeError):  # a write that fails half-way (or a stop signal)
+    workdir.write_atomic(path, 'newer \ud800')
+  assert open(path).read() == 'new'
   assert os.listdir(tmp_path) == ['config.json']  # no temporary file left
+
+
+def test_stop_signal_is_raised_before_the_loop_where_nothing_mistakes_it(tmp_path, capsys,
+                                                                         monkeypatch):
+  """Before the loop a stop signal raises Stopped, but not inside an import nor `held()`, and a
+  Stopped dropped in a `__del__` is raised again; in the loop it is only counted."""
+  (tmp_path / 'signalled.py').write_text(
+      'import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nimported = True\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+
+  class SignalsWhenCollected:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with workdir.StopSignal() as signals:
+    import signalled  # noqa: F401 (the whole module ran: the signal waited for its end)
+    assert signalled.imported and signals.early == signal.SIGTERM
+    with pytest.raises(workdir.Stopped):
+      signals.check()
+  with workdir.StopSignal() as signals:
+    with pytest.raises(workdir.Stopped):
+      with signals.held():
+        os.kill(os.getpid(), signal.SIGINT)
+        held = True
+    assert held
+  with workdir.StopSignal() as signals:
+    SignalsWhenCollected()  # collected at once: its Stopped is dropped there, silently
+    with pytest.raises(workdir.Stopped):
+      signals.looping()  # ... and raised here
+  assert capsys.readouterr().err == ''
+  with workdir.StopSignal() as signals:
+    signals.looping()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # (SIGHUP would silence a terminal: pytest -s)
+      os.kill(os.getpid(), signum)
+    assert (signals.received, signals.count) == (signal.SIGTERM, 2)
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
 
 
 def test_an_older_config_json_reads_with_the_values_its_run_had(tmp_path):
