@@ -56,6 +56,7 @@ import time
 import uuid
 from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Protocol, Sequence, TypeVar
 
+from alexnet_jax import terminal
 from alexnet_jax.errors import EXIT_INTERRUPTED, STOPPED, ConfigError, Interrupted
 
 _T = TypeVar('_T')
@@ -96,21 +97,6 @@ class Launcher(Protocol):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def leave_terminal() -> None:
-  """After SIGHUP the terminal is gone and writing to it fails (EIO), which would end a process
-  before it saves or reports: its output goes to /dev/null instead."""
-  null = None
-  for fd in (1, 2):
-    try:
-      if os.isatty(fd):
-        null = os.open(os.devnull, os.O_WRONLY) if null is None else null
-        os.dup2(null, fd)
-    except OSError:
-      pass  # that descriptor is closed already: nothing to write to
-  if null is not None:
-    os.close(null)
-
-
 class Relay:
   """A controller's signals: within `with`, each stop signal is recorded in `received` and sets
   `launcher.stopping` at once (the controller stops starting work, a SLURM launcher stops
@@ -123,13 +109,14 @@ class Relay:
     self.launcher, self.received, self._passed = launcher, [], 0
 
   def __enter__(self) -> 'Relay':
+    self._terminals = terminal.terminals()
     self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
     return self
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
     if signum == signal.SIGHUP:
-      leave_terminal()
+      terminal.leave(self._terminals)  # the controller goes on to stop its trials and report
     self.received.append(signum)
     self.launcher.stopping = True
 

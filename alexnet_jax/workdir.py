@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import ml_collections
 
+from alexnet_jax import terminal
 from alexnet_jax.errors import ConfigError, Interrupted
 
 # Fields a resumed run may change: run length, logging, paths, and how devices share the work.
@@ -349,8 +350,7 @@ class StopSignal:
     self._holding = self._looping = False
 
   def __enter__(self) -> 'StopSignal':
-    # Known now, as a hung-up terminal no longer answers isatty.
-    self._terminals = [fd for fd in (1, 2) if os.isatty(fd)]
+    self._terminals = terminal.terminals()
     self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     self._previous_hook = sys.unraisablehook
     sys.unraisablehook = self._unraisable
@@ -380,12 +380,7 @@ class StopSignal:
 
   def _handle(self, signum, frame) -> None:
     if signum == signal.SIGHUP:
-      # The terminal is gone: every write to it fails (EIO), which would end the run before it
-      # saves. What it would have shown goes nowhere instead.
-      null = os.open(os.devnull, os.O_WRONLY)
-      for fd in self._terminals:
-        os.dup2(null, fd)
-      os.close(null)
+      terminal.leave(self._terminals)  # the run goes on to save, silently
     self.received = signum
     self.count += 1
     if self._looping or self._raised:
