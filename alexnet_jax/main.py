@@ -38,7 +38,11 @@ def main(args: list[str]) -> None:
   from alexnet_jax import cluster, train  # imported late so --help stays fast
   cluster.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                 FLAGS.distributed, FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Exception:
+    cluster.check_peers()  # another process gone: its line instead (this error came of it)
+    raise
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
-"""Stops every process agrees on, with two local processes (`--coordinator_address`), and the
-multi-process start-up's one-line errors. The same on a real SLURM cluster: tests/test_slurm.py."""
+"""Stops every process agrees on, with two local processes (`--coordinator_address`), a process
+that dies, and the multi-process start-up's one-line errors. The same on a real SLURM cluster:
+tests/test_slurm.py."""
 
 import os
 import signal
@@ -9,6 +10,8 @@ import time
 
 import pytest
 
+from alexnet_jax import checkpoints
+from alexnet_jax.errors import EXIT_INTERRUPTED
 from conftest import REPO, free_port
 from test_resume import SHORT, logged_step, steps
 
@@ -87,6 +90,28 @@ def test_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path, digits_
   assert len(stopped) == 1 and stopped[0].startswith('Stopped by SIGINT at step '), out0[-2000:]
   again = int(stopped[0].split('at step ')[1].split()[0])
   assert step < again < 50 and steps(tmp_path)[-2:] == [step, again]
+
+
+def test_a_killed_process_ends_the_others_in_one_line(tmp_path, digits_dir):
+  """SIGKILL to process 1 (the OOM killer, a lost host) once the loop runs: process 0 exits 75
+  within the heartbeat timeout with one line naming it (not JAX's C++ fatal error and a core
+  dump), and every checkpoint it leaves is complete. (Process 0's own death still ends the others
+  with JAX's fatal error: alexnet_jax/cluster.py.)"""
+  procs = start_two(tmp_path, digits_dir, '--config.train.num_train_steps=500',
+                    '--heartbeat_timeout=5')
+  wait_for_step(tmp_path, 2, procs)
+  procs[1].kill()
+  killed = time.time()
+  (code, out), _ = finish(procs, 60)
+  took = time.time() - killed
+  lines = [l.split('\r')[-1] for l in out.splitlines()]
+  assert code == EXIT_INTERRUPTED and took < 5 + 15, (code, took, out[-3000:])
+  assert [l for l in lines if 'error' in l.lower() or 'fatal' in l.lower()] == [
+      'error: process 1 of 2 is gone (exited, crashed or killed, or no heartbeat for 5 s); run '
+      'the same command on every process to resume from the newest checkpoint.'], out[-3000:]
+  complete = checkpoints.all_steps(str(tmp_path))
+  left = os.listdir(tmp_path / 'checkpoints')
+  assert all(name in map(str, complete) or '.orbax-checkpoint-tmp' in name for name in left), left
 
 
 @pytest.mark.parametrize('env,flags,message', [
