@@ -17,7 +17,7 @@ from Python in jaxlib 0.10.2 (its status argument does not convert: std::bad_cas
 abort). So `start` runs the service with recoverable tasks (a dead one only drops out of
 `get_live_nodes`) and `Watch` ends the others in one line (the service's heartbeat verdict, not a
 heartbeat of our own). Process 0 hosts the service: when it dies, the others still end with
-JAX's fatal error, at once.
+JAX's fatal error (at once: its connection drops).
 """
 
 from __future__ import annotations
@@ -142,11 +142,11 @@ def lines_dropped(text: str) -> Iterator[None]:
 class Watch:
   """Ends this process, in one line and with exit status 75 (the same command resumes), when
   another process is gone: it exited, crashed, was killed, or sent no heartbeat for
-  --heartbeat_timeout seconds (then the hung or unreachable process ends too, as JAX ends a task
-  that misses its heartbeats). Whatever this process was doing: waiting in a collective for the
+  --heartbeat_timeout seconds. Whatever this process was doing: waiting in a collective for the
   dead one, or writing a checkpoint (orbax renames a checkpoint's temporary directory only once
   every process has written its part: the one being written stays unfinished, and the next start
-  deletes it).
+  deletes it). A process hung with its threads alive (a read from a dead file server) still
+  answers: the others wait for it.
 
   A thread asks the coordination service which processes are alive (`get_live_nodes`: it
   answers once every live process has asked, so every process's thread asks in step, once a
