@@ -1,6 +1,6 @@
 """The multi-process world: starting `jax.distributed` (by hand, or from SLURM and the other
-cluster environments JAX detects, with checks and timeouts) and the one decision every process
-takes together at every step: does the run stop here.
+cluster environments JAX detects, with checks and timeouts), the one decision every process
+takes together at every step: does the run stop here, and what the others do when one is gone.
 
 Why our own agreement and not JAX's preemption service: `jax.distributed.initialize` installs a
 C++ SIGTERM handler (the preemption notifier) that turns a SIGTERM into a notice to every process
@@ -10,26 +10,48 @@ the fastest process", not on our next log step. So `start` turns that service of
 would replace the one main installs before, workdir.StopSignal, which also stops a process that
 has not reached the loop yet) and `Stop` below does the same job over the same coordination
 service, for every signal.
+
+A process that dies: JAX's coordination service notices it by its missing heartbeats and, by
+default, aborts every other process with a C++ fatal error (a stack trace, and a core dump where
+`ulimit -c` allows). Its hook for doing otherwise (`missed_heartbeat_callback`) cannot be given
+from Python in jaxlib 0.10.2 (its status argument does not convert: std::bad_cast, another
+abort). So `start` runs the service with recoverable tasks (a dead one only drops out of
+`get_live_nodes`) and `Watch` ends the others in one line (the service's heartbeat verdict, not a
+heartbeat of our own). Process 0 hosts the service: when it dies, the others still end with
+JAX's fatal error (at once: its connection drops).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import jax
 from jax._src import distributed as jax_distributed  # the coordination service client
+import tqdm
 
-from alexnet_jax.errors import ConfigError, TrainingStopped
+from alexnet_jax.errors import EXIT_INTERRUPTED, ConfigError, TrainingStopped
 from alexnet_jax.workdir import StopSignal
 
 # How long a process waits for the others' answers in a stop agreement: they answer from a
-# thread within milliseconds unless they are gone (then JAX's heartbeat ends the run too).
+# thread within milliseconds unless they are gone (then `Watch` ends the run first).
 AGREEMENT_TIMEOUT_S = 300
 _RUNS = itertools.count(1)  # every process counts its runs alike: each run's keys are its own
+# How often `Watch` asks the coordination service which processes are alive.
+WATCH_PERIOD_S = 1
+# How long a process that ends waits for the others to end too (JAX's shutdown barrier's time).
+END_TIMEOUT_S = 300
+# What the service (process 0) logs at WARNING when it starts with recoverable tasks.
+RECOVERABLE_NOTE = 'Using experimental recoverable task feature'
+_watch: Watch | None = None
 
 
 def start(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
@@ -67,10 +89,12 @@ def start(coordinator_address: str | None, num_processes: int | None, process_id
     if ntasks == 1:
       return  # one process (sbatch -n 1 without srun): nothing to join
   jax.config.update('jax_enable_preemption_service', False)  # see the module docstring
+  jax.config.update('jax_enable_recoverability', True)  # a dead process is `Watch`'s to report
   try:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=initialization_timeout,
-                               heartbeat_timeout_seconds=heartbeat_timeout)
+    with lines_dropped(RECOVERABLE_NOTE):  # `Watch.leave` does what it warns about
+      jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                 initialization_timeout=initialization_timeout,
+                                 heartbeat_timeout_seconds=heartbeat_timeout)
   except ValueError as e:  # JAX found no cluster environment to read them from
     raise ConfigError(f'--distributed found no cluster environment ({e}); run under srun '
                       f'(SLURM) or mpirun, or pass --coordinator_address, --num_processes and '
@@ -80,6 +104,128 @@ def start(coordinator_address: str | None, num_processes: int | None, process_id
     raise ConfigError(f'could not join the other processes within --initialization_timeout='
                       f'{initialization_timeout} s ({first[:200]}); check that every process '
                       f'started and reaches the coordinator.') from None
+  global _watch
+  _watch = Watch(heartbeat_timeout)
+  atexit.register(_watch.leave)  # before JAX's own shutdown, registered when jax was imported
+
+
+def check_peers() -> None:
+  """After an error in a multi-process run: if another process is gone (the error was a
+  consequence, e.g. a collective that lost its peer), ends this one with the line that says so;
+  else returns, within about two seconds. Nothing with one process."""
+  if _watch is not None:
+    _watch.verdict()
+
+
+@contextlib.contextmanager
+def lines_dropped(text: str) -> Iterator[None]:
+  """Within it, lines written to file descriptor 2 that hold `text` are dropped (all are kept
+  with TF_CPP_MIN_LOG_LEVEL=0). A `grep -v` forwards the others as they come, and still does if
+  this process aborts: a fatal error's lines show."""
+  if os.environ.get('TF_CPP_MIN_LOG_LEVEL') == '0':
+    yield
+    return
+  sys.stderr.flush()
+  grep = subprocess.Popen(['grep', '--line-buffered', '-vF', text], stdin=subprocess.PIPE,
+                          stdout=2)
+  saved = os.dup(2)
+  os.dup2(grep.stdin.fileno(), 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    grep.stdin.close()
+    grep.wait()
+
+
+class Watch:
+  """Ends this process, in one line and with exit status 75 (the same command resumes), when
+  another process is gone: it exited, crashed, was killed, or sent no heartbeat for
+  --heartbeat_timeout seconds. Whatever this process was doing: waiting in a collective for the
+  dead one, or writing a checkpoint (orbax renames a checkpoint's temporary directory only once
+  every process has written its part: the one being written stays unfinished, and the next start
+  deletes it). A process hung with its threads alive (a read from a dead file server) still
+  answers: the others wait for it.
+
+  A thread asks the coordination service which processes are alive (`get_live_nodes`: it
+  answers once every live process has asked, so every process's thread asks in step, once a
+  second); a process missing from the answer, or there with a new incarnation (started again),
+  is gone. Recoverable tasks have a cost this class pays too: JAX's shutdown barrier no longer
+  keeps every process until all end, so `leave` does, and process 0, whose service the others
+  talk to until they disconnect, leaves last.
+  """
+
+  def __init__(self, heartbeat_timeout: int):
+    state = jax_distributed.global_state
+    self.client, self.me, self.count = state.client, state.process_id, state.num_processes
+    self.heartbeat_timeout = heartbeat_timeout
+    self.changed = threading.Condition()
+    self.rounds = 0  # answers received
+    self.live: dict[int, int] = {}  # the last answer: process: incarnation
+    self.armed = True  # until this process leaves
+    self.thread = threading.Thread(target=self._watch, name='process watch', daemon=True)
+    self.thread.start()
+
+  def _watch(self) -> None:
+    first = None
+    while True:
+      try:
+        live = self.client.get_live_nodes(list(range(self.count)))
+      except jax.errors.JaxRuntimeError:
+        live = {}  # the service is gone (process 0 ended), or this client shut down
+      first = live if first is None else first
+      gone = [p for p in range(self.count)
+              if p != self.me and (p not in live or live[p] != first.get(p))]
+      with self.changed:
+        self.live = live
+        if gone and self.armed and not all(map(self._left, gone)):
+          self._end(gone)
+        self.rounds += 1
+        self.changed.notify_all()
+        if not self.armed and (self.me != 0 or set(live) <= {0}):
+          return  # process 0 answers until every other process has disconnected
+      time.sleep(WATCH_PERIOD_S)
+
+  def _left(self, process: int) -> bool:
+    """Whether `process` left after the end barrier (`leave`): gone, but not lost."""
+    try:
+      return self.client.key_value_try_get(f'alexnet_jax/left/{process}') == 'yes'
+    except jax.errors.JaxRuntimeError:
+      return False
+
+  def _end(self, gone: list[int]) -> None:
+    who = (f'process {gone[0]} of {self.count} is' if len(gone) == 1 else
+           f'processes {", ".join(map(str, gone))} of {self.count} are')
+    tqdm.tqdm.write(f'error: {who} gone (exited, crashed or killed, or no heartbeat for '
+                    f'{self.heartbeat_timeout} s); run the same command on every process to resume '
+                    f'from the newest checkpoint.', file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)  # the main thread may wait forever in a collective
+
+  def verdict(self) -> None:
+    """Returns once an answer asked for after this call finds every process there (a process
+    gone ends this one first); gives up after the heartbeat timeout, and a margin."""
+    with self.changed:
+      asked = self.rounds + 2  # the answer in flight now may have been asked for before
+      self.changed.wait_for(lambda: self.rounds >= asked,
+                            self.heartbeat_timeout + 10 * WATCH_PERIOD_S)
+
+  def leave(self) -> None:
+    """At exit: waits for every process to end too (a process stuck or gone: up to
+    END_TIMEOUT_S), says it left, stops the watch."""
+    try:
+      self.client.wait_at_barrier('alexnet_jax/end', END_TIMEOUT_S * 1000, None)
+      self.client.key_value_set(f'alexnet_jax/left/{self.me}', 'yes')
+      together = True
+    except jax.errors.JaxRuntimeError:
+      together = False  # another process is stuck: leave without it (its watch reports this one)
+    with self.changed:
+      self.armed = False
+    if together:
+      self.thread.join(END_TIMEOUT_S)
 
 
 class Stop:

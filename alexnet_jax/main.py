@@ -49,7 +49,11 @@ def main(args: list[str]) -> None:
       signals.check()
       cluster.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                     FLAGS.distributed, FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, signals=signals)
+      try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, signals=signals)
+      except Exception:
+        cluster.check_peers()  # another process gone: its line instead (this error came of it)
+        raise
     except BaseException:  # a Stopped, or what code it interrupted made of it
       if signals.early is None:
         raise

@@ -1,7 +1,9 @@
-"""Stops every process agrees on, with two local processes (`--coordinator_address`), and the
-multi-process start-up's one-line errors. The same on a real SLURM cluster: tests/test_slurm.py."""
+"""Stops every process agrees on, with two local processes (`--coordinator_address`), a process
+that dies, and the multi-process start-up's one-line errors. The same on a real SLURM cluster:
+tests/test_slurm.py."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,13 +11,15 @@ import time
 
 import pytest
 
+from alexnet_jax import checkpoints, cluster
+from alexnet_jax.errors import EXIT_INTERRUPTED
 from conftest import REPO, free_port
 from test_resume import SHORT, logged_step, steps
 
 FOUR_DEVICES = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
 
 
-def start_two(workdir, data_dir, *overrides, logs=None):
+def start_two(workdir, data_dir, *overrides, logs=None, env=FOUR_DEVICES):
   """The two processes of one run on localhost, 4 CPU devices each; each writes to its file of
   `logs` if given."""
   port = free_port()
@@ -25,7 +29,7 @@ def start_two(workdir, data_dir, *overrides, logs=None):
        f'--workdir={workdir}', f'--coordinator_address=localhost:{port}', '--num_processes=2',
        f'--process_id={i}', f'--config.dataset.data_dir={data_dir}', *SHORT,
        '--config.train.batch_size=16', *overrides],
-      cwd=REPO, env=FOUR_DEVICES, stdout=files[i], stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, env=env, stdout=files[i], stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
 
 
@@ -83,6 +87,29 @@ def test_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path, digits_
   assert step < again < 50 and steps(tmp_path)[-2:] == [step, again]
 
 
+def test_a_killed_process_ends_the_others_in_one_line(tmp_path, digits_dir):
+  """SIGKILL to process 1 (the OOM killer, a lost host) once the loop runs: process 0 exits 75
+  within the heartbeat timeout with one line naming it (not JAX's C++ fatal error and a core
+  dump), and every checkpoint it leaves is complete. (Process 0's own death still ends the others
+  with JAX's fatal error: alexnet_jax/cluster.py.) JAX's warnings shown, as users see them."""
+  procs = start_two(tmp_path, digits_dir, '--config.train.num_train_steps=500',
+                    '--heartbeat_timeout=5', env={**FOUR_DEVICES, 'TF_CPP_MIN_LOG_LEVEL': '1'})
+  wait_for_step(tmp_path, 2, procs)
+  procs[1].kill()
+  killed = time.time()
+  (code, out), _ = finish(procs, 60)
+  took = time.time() - killed
+  lines = [l.split('\r')[-1] for l in out.splitlines()]
+  assert code == EXIT_INTERRUPTED and took < 5 + 15, (code, took, out[-3000:])
+  assert [l for l in lines if re.search('error|fatal|traceback', l, re.I)] == [
+      'error: process 1 of 2 is gone (exited, crashed or killed, or no heartbeat for 5 s); run '
+      'the same command on every process to resume from the newest checkpoint.'], out[-3000:]
+  assert cluster.RECOVERABLE_NOTE not in out  # JAX's note on what cluster.Watch takes care of
+  complete = checkpoints.all_steps(str(tmp_path))
+  left = os.listdir(tmp_path / 'checkpoints')
+  assert all(name in map(str, complete) or '.orbax-checkpoint-tmp' in name for name in left), left
+
+
 @pytest.mark.parametrize('env,flags,message', [
     ({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2'}, ['--distributed'],
      'error: --distributed: SLURM job 7 has SLURM_NTASKS=2 but this start makes 1 process (the '
@@ -104,7 +131,6 @@ def test_signal_to_one_of_two_processes_stops_both_at_one_step(tmp_path, digits_
 def test_multi_process_start_mistakes_are_one_line(monkeypatch, env, flags, message):
   """Refused before any wait for other processes (the SLURM variables as a batch script without
   srun sees them; on a real cluster: tests/test_slurm.py)."""
-  from alexnet_jax import cluster
   from alexnet_jax.errors import ConfigError
   for name in [k for k in os.environ if k.startswith('SLURM_')]:
     monkeypatch.delenv(name)
