@@ -19,7 +19,8 @@ from typing import Callable, NoReturn
 
 from absl import app, flags, logging
 
-from alexnet_jax.errors import EXIT_INTERRUPTED, ConfigError, Interrupted, TrainingStopped
+from alexnet_jax.errors import (EXIT_INTERRUPTED, STOPPED, ConfigError, Interrupted,
+                                TrainingStopped)
 
 
 class UsageError(ConfigError):
@@ -59,6 +60,9 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], usa
     except Interrupted as e:  # not the config's fault: the same command resumes (errors.py)
       print(f'error: {e}', file=sys.stderr)
       sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C before the command handles signals itself: nothing begun
+      print(f'{STOPPED}SIGINT before it began; run the same command to start.', file=sys.stderr)
+      sys.exit(130)  # the shell's status for a command that SIGINT ended
 
   app.run(program, flags_parser=parse)
 

@@ -210,8 +210,7 @@ def alive(directory: str) -> int | None:
 
 def _verdict(returncode: int, output: str, stopped: bool, previous: str | None) -> Status:
   """How a task's command ended (alexnet_jax/errors.py: how a run says it)."""
-  if stopped or (returncode == 0 and any(line.startswith(STOPPED)
-                                         for line in output.splitlines())):
+  if stopped or any(line.startswith(STOPPED) for line in output.splitlines()):
     return Status('stopped')
   if returncode == 0:
     return Status('done')

@@ -467,7 +467,9 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
     with open(os.path.join(workdir, 'search_log.txt'), 'a') as f:
       f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {line}\n')
 
-  with workdir_lib.Lock(workdir) as lock:  # one controller per search directory
+  # One controller per search directory (its lock); the relay from the start: a signal while the
+  # directory is read is a stop like any other.
+  with launchers.Relay(launcher) as signals, workdir_lib.Lock(workdir) as lock:
     if lock.acquire():
       say(f'A search controller in {workdir} ended without releasing it; continuing its search.')
     search = open_search(config, config_path, base_overrides, sweep_path, workdir, settings,
@@ -486,8 +488,8 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
     say(f'{settings.search} search in {workdir}: {len(records)} of {search.budget} trials drawn'
         f'{f", {len(failed)} failed (--retry_failed runs them again)" if failed and not retry_failed else ""}'
         f'; rungs at epochs {", ".join(map(str, search.rungs))}; {settings.parallel} at a time')
-    stopped = control(search, launcher, settings.parallel, say, poll_s)
-  results = search_report.write(search.report(), workdir)
+    stopped = control(search, launcher, settings.parallel, say, signals, poll_s)
+    results = search_report.write(search.report(), workdir)
   counts = {s: sum(r.status == s for r in results) for s in search_report.STATUSES}
   say(', '.join(f'{n} {s}' for s, n in counts.items() if n) + f'; wrote '
       f'{os.path.join(workdir, "results.md")}, results.csv, search.png')
@@ -502,7 +504,7 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
 
 
 def control(search: Search, launcher: launchers.Launcher, parallel: int,
-            log: Callable[[str], None], poll_s: float = 0.5) -> bool:
+            log: Callable[[str], None], signals: launchers.Relay, poll_s: float = 0.5) -> bool:
   """Starts, resumes and promotes trials, each start one task of `launcher`, `parallel` at a
   time, until no start is left; returns whether a signal stopped it. On a signal nothing more
   starts: local trials get it once (they save and exit); SLURM jobs go on, and the next
@@ -512,50 +514,49 @@ def control(search: Search, launcher: launchers.Launcher, parallel: int,
   held: set[str] = set()  # ended short of its rung by no fault of its config: left for a rerun
   elsewhere: set[str] = set()  # running from a start that nobody here knows (its lock is held)
   reasons: dict[str, str] = {}  # why a queued trial waits, as last said
-  with launchers.Relay(launcher) as signals:
+  records = search.records()
+  for name in sorted(launcher.adopt([search.task(r.trial, r.target) for r in records
+                                     if r.live])):
+    log(f'{name}: still running from an earlier controller; waiting for it')
+  while True:
+    signals.pass_on()
+    statuses = launcher.poll()
+    elsewhere = {n for n in elsewhere
+                 if workdir_lib.is_locked(os.path.join(search.workdir, n))}
+    busy = {n for n, s in statuses.items() if s.state in launchers.LIVE} | elsewhere
+    for name, status in sorted(statuses.items()):
+      reason = status.reason if status.state == 'queued' else ''
+      if reason != reasons.get(name, ''):
+        if reason:
+          log(f'{name}: queued ({reason})')
+        reasons[name] = reason
     records = search.records()
-    for name in sorted(launcher.adopt([search.task(r.trial, r.target) for r in records
-                                       if r.live])):
-      log(f'{name}: still running from an earlier controller; waiting for it')
-    while True:
-      signals.pass_on()
-      statuses = launcher.poll()
-      elsewhere = {n for n in elsewhere
-                   if workdir_lib.is_locked(os.path.join(search.workdir, n))}
-      busy = {n for n, s in statuses.items() if s.state in launchers.LIVE} | elsewhere
-      for name, status in sorted(statuses.items()):
-        reason = status.reason if status.state == 'queued' else ''
-        if reason != reasons.get(name, ''):
-          if reason:
-            log(f'{name}: queued ({reason})')
-          reasons[name] = reason
-      records = search.records()
-      for record in records:
-        if record.live and record.trial.name not in busy:
-          trial_dir = os.path.join(search.workdir, record.trial.name)
-          _judge(search, record, statuses.get(record.trial.name) or launchers.finished(trial_dir),
-                 launched, held, log)
-      if signals.received:
-        if launcher.detached or not busy:
-          return True
-      else:
-        while len(busy) < parallel:
-          start = search.next_start(search.records(), busy | held)
-          if start is None:
-            break
-          trial, target, why = start
-          busy.add(trial.name)
-          if workdir_lib.is_locked(os.path.join(search.workdir, trial.name)):
-            log(f'{trial.name}: still running from an earlier controller; waiting for it')
-            elsewhere.add(trial.name)
-            continue
-          log(f'{trial.name} {why}: {" ".join(f"{k}={v}" for k, v in trial.overrides.items())}'
-              f'{f", to epoch {target}" if why == "starts" and target < search.max_epochs else ""}')
-          launched[trial.name] = next((r.step for r in records if r.trial.name == trial.name), 0)
-          launcher.submit([search.task(trial, target)])
-        if not busy:
-          return False
-      time.sleep(poll_s)
+    for record in records:
+      if record.live and record.trial.name not in busy:
+        trial_dir = os.path.join(search.workdir, record.trial.name)
+        _judge(search, record, statuses.get(record.trial.name) or launchers.finished(trial_dir),
+               launched, held, log)
+    if signals.received:
+      if launcher.detached or not busy:
+        return True
+    else:
+      while len(busy) < parallel:
+        start = search.next_start(search.records(), busy | held)
+        if start is None:
+          break
+        trial, target, why = start
+        busy.add(trial.name)
+        if workdir_lib.is_locked(os.path.join(search.workdir, trial.name)):
+          log(f'{trial.name}: still running from an earlier controller; waiting for it')
+          elsewhere.add(trial.name)
+          continue
+        log(f'{trial.name} {why}: {" ".join(f"{k}={v}" for k, v in trial.overrides.items())}'
+            f'{f", to epoch {target}" if why == "starts" and target < search.max_epochs else ""}')
+        launched[trial.name] = next((r.step for r in records if r.trial.name == trial.name), 0)
+        launcher.submit([search.task(trial, target)])
+      if not busy:
+        return False
+    time.sleep(poll_s)
 
 
 def _judge(search: Search, record: Record, status: launchers.Status, launched: Mapping[str, int],

@@ -391,18 +391,20 @@ def run_sweep(trials: Sequence[Trial], config_path: str, workdir: str, parallel:
   launcher = launcher or launchers.Local(parallel)
   workdir_lib.check_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.Lock(workdir) as lock:
+  # The relay from the start: a signal while the directory is read is a stop like any other.
+  with launchers.Relay(launcher) as signals, workdir_lib.Lock(workdir) as lock:
     note = lock.acquire()
     if note:
       log(note)
     return _control(trials, config_path, workdir, parallel, base_overrides, log, launcher,
-                    poll_s, retry_failed)
+                    poll_s, retry_failed, signals)
 
 
 def _control(trials: Sequence[Trial], config_path: str, workdir: str, parallel: int,
              base_overrides: Mapping[str, Any], log: Callable[[str], None],
-             launcher: launchers.Launcher, poll_s: float, retry_failed: bool) -> list[Result]:
-  """`run_sweep`'s loop, the directory locked."""
+             launcher: launchers.Launcher, poll_s: float, retry_failed: bool,
+             signals: launchers.Relay) -> list[Result]:
+  """`run_sweep`'s loop, the directory locked, the signals relayed."""
   reopened = check_stored_configs(trials, config_path, workdir, base_overrides)
   if reopened:
     log(f'{len(reopened)} finished trial{"s" if len(reopened) > 1 else ""} resume with the '
@@ -426,40 +428,40 @@ def _control(trials: Sequence[Trial], config_path: str, workdir: str, parallel: 
   reported: set[str] = set()
   resubmitted: set[str] = set()
   statuses: dict[str, launchers.Status] = {}
-  with launchers.Relay(launcher) as signals:
+  if not signals.received:  # else nothing more starts
     launcher.submit([tasks[t.name] for t in todo])
-    with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
-                   disable=not watched) as bar:
-      while True:
-        signals.pass_on()
-        statuses = launcher.poll()
-        counts = {state: 0 for state in launchers.STATES}
-        waiting: set[str] = set()
-        for trial in watched:
-          status = statuses.get(trial.name, launchers.Status('queued'))
-          if (status.state == 'stopped' and trial.name in adopted and not signals.received and
-              trial.name not in resubmitted):
-            # A process a killed controller left ended: its verdict went with that
-            # controller, so it runs again and resumes (at once done if it had finished).
-            resubmitted.add(trial.name)
-            launcher.submit([tasks[trial.name]])
-            status = launchers.Status('queued')
-          counts[status.state] += 1
-          if status.state == 'queued' and status.reason:
-            waiting.add(status.reason[:40])
-          if status.state in ('done', 'failed', 'interrupted') and trial.name not in reported:
-            reported.add(trial.name)
-            result = collect(trial, workdir)
-            if status.state == 'done':
-              write_hparams(result, workdir)
-            bar.update(1)
-            bar.write(_ended_line(trial, status, result, workdir, len(reported), len(watched)))
-        bar.set_postfix({state: f'{n} ({", ".join(sorted(waiting))})' if state == 'queued' and
-                         waiting else n for state, n in counts.items() if n})
-        live_now = counts['queued'] + counts['running']
-        if not live_now or (signals.received and launcher.detached):
-          break
-        time.sleep(poll_s)
+  with tqdm.tqdm(total=len(watched), unit='trial', dynamic_ncols=True,
+                 disable=not watched) as bar:
+    while True:
+      signals.pass_on()
+      statuses = launcher.poll()
+      counts = {state: 0 for state in launchers.STATES}
+      waiting: set[str] = set()
+      for trial in watched:
+        status = statuses.get(trial.name, launchers.Status('queued'))
+        if (status.state == 'stopped' and trial.name in adopted and not signals.received and
+            trial.name not in resubmitted):
+          # A process a killed controller left ended: its verdict went with that
+          # controller, so it runs again and resumes (at once done if it had finished).
+          resubmitted.add(trial.name)
+          launcher.submit([tasks[trial.name]])
+          status = launchers.Status('queued')
+        counts[status.state] += 1
+        if status.state == 'queued' and status.reason:
+          waiting.add(status.reason[:40])
+        if status.state in ('done', 'failed', 'interrupted') and trial.name not in reported:
+          reported.add(trial.name)
+          result = collect(trial, workdir)
+          if status.state == 'done':
+            write_hparams(result, workdir)
+          bar.update(1)
+          bar.write(_ended_line(trial, status, result, workdir, len(reported), len(watched)))
+      bar.set_postfix({state: f'{n} ({", ".join(sorted(waiting))})' if state == 'queued' and
+                       waiting else n for state, n in counts.items() if n})
+      live_now = counts['queued'] + counts['running']
+      if not live_now or (signals.received and launcher.detached):
+        break
+      time.sleep(poll_s)
   logs = {name: s.log for name, s in statuses.items() if s.log and s.state != 'done'}
   results = write_report(trials, workdir, logs)
   counts = {state: sum(r.status == state for r in results)

@@ -195,7 +195,8 @@ def wait_cpu(s: search.Search, seconds: float, say) -> tuple[float, float, int]:
   lines: list[str] = []
   cpu0, t0 = time.process_time(), time.perf_counter()
   try:
-    search.control(s, launcher, TRIALS, lines.append, 0.5)
+    with launchers.Relay(launcher) as signals:
+      search.control(s, launcher, TRIALS, lines.append, signals, 0.5)
   except Waiting.Elapsed:
     pass
   cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0

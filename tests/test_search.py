@@ -230,11 +230,11 @@ def test_asha_survives_a_killed_controller_and_a_promoted_trial_equals_an_unpaus
   first.communicate()
   # The next controller adopts the orphans; Ctrl-C in its terminal (SIGINT to its whole process
   # group) reaches them through it, once: each stops at a log step with a checkpoint.
-  second = sweep_cli(tmp_path, digits_dir, GRID_FILE, *args, start_new_session=True)
   log = workdir / 'search_log.txt'
-  said = lambda: log.read_text() if log.exists() else ''
+  earlier = len(log.read_text()) if log.exists() else 0
+  second = sweep_cli(tmp_path, digits_dir, GRID_FILE, *args, start_new_session=True)
   while time.time() < deadline and second.poll() is None and not re.search(
-      r'waiting for it|starts|resumes|promoted', said().split('continuing its search')[-1]):
+      r'waiting for it|starts|resumes|promoted', log.read_text()[earlier:]):
     time.sleep(0.05)  # adopting an orphan, or (it ended meanwhile) starting a trial
   os.killpg(second.pid, signal.SIGINT)
   out, err = second.communicate(timeout=300)

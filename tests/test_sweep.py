@@ -209,12 +209,13 @@ def test_ctrl_c_and_hangup_to_the_process_group_stop_each_trial_once(tmp_path, d
   workdir = tmp_path / 'sweep'
   args = ('--parallel=2', f'--config.train.num_train_steps={STEPS}')
   for signum, logged in ((signal.SIGINT, 1), (signal.SIGHUP, 2)):
+    before = {n: len(metrics_lines(workdir / n)) for n in GOOD[:2]}
     controller = subprocess.Popen(sweep_command(tmp_path, digits_dir, *args), cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)  # its own group, as a shell's job
     deadline = time.time() + 300
-    while time.time() < deadline and not any(
-        len(metrics_lines(workdir / n)) > logged for n in GOOD[:2]):
+    while time.time() < deadline and not any(  # a trial logged a step in this run: it trains
+        len(metrics_lines(workdir / n)) > before[n] for n in GOOD[:2]):
       time.sleep(0.05)
     os.killpg(controller.pid, signum)
     out, _ = controller.communicate(timeout=120)
