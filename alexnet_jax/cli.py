@@ -6,8 +6,10 @@ with `cli.run(main, define_flags, usage)`. Every mistake a user can fix is one l
 `error: <what is wrong and how to fix it>`, and exit status 1; never a traceback, never absl's
 help dump: an ill-typed flag value, a `--config` file that cannot be loaded, a `--config.x`
 naming no field or a tuple field given as `a,b`, a `ConfigError` or `TrainingStopped` raised by
-`main` (an `Interrupted` is the same line with exit status 75: alexnet_jax/errors.py); a command line of the wrong shape (an unknown flag, a required one missing, the wrong
-number of positional arguments, a `UsageError` from `main`) adds `; usage: <usage>`.
+`main` (an `Interrupted` is the same line with exit status 75: alexnet_jax/errors.py; a Ctrl-C
+before `main` handles signals itself, a `Stopped by SIGINT` line and 130); a command line of the
+wrong shape (an unknown flag, a required one missing, the wrong number of positional arguments,
+a `UsageError` from `main`) adds `; usage: <usage>`.
 """
 
 from __future__ import annotations

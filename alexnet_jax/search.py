@@ -485,9 +485,10 @@ def run(config: ml_collections.ConfigDict, config_path: str, base_overrides: Map
         search.retry(record)
         say(f'{record.trial.name} runs again (--retry_failed); it failed with: '
             f'{record.frozen.user_attrs["error"]}')
+    retry = (f', {len(failed)} failed (--retry_failed runs them again)'
+             if failed and not retry_failed else '')
     say(f'{settings.search} search in {workdir}: {len(records)} of {search.budget} trials drawn'
-        f'{f", {len(failed)} failed (--retry_failed runs them again)" if failed and not retry_failed else ""}'
-        f'; rungs at epochs {", ".join(map(str, search.rungs))}; {settings.parallel} at a time')
+        f'{retry}; rungs at epochs {", ".join(map(str, search.rungs))}; {settings.parallel} at a time')
     stopped = control(search, launcher, settings.parallel, say, signals, poll_s)
     results = search_report.write(search.report(), workdir)
   counts = {s: sum(r.status == s for r in results) for s in search_report.STATUSES}
