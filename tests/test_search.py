@@ -363,3 +363,22 @@ def test_a_torn_journal_record_is_dropped_and_damage_elsewhere_is_one_line(tmp_p
   with pytest.raises(ValueError, match=rf'^{path} line 3 is damaged \(.*; restore the file from '
                      r'a copy, or use a fresh --workdir\.$'):
     search.journal(str(tmp_path), said.append)
+
+
+def test_a_failed_trial_can_be_retried_and_is_no_longer_failed(tmp_path):
+  """A failure is an attribute of the trial, not Optuna's FAIL (final): --retry_failed undoes
+  it, and the trial counts as live again (it resumes)."""
+  s = space_search(tmp_path)
+  draws(s, 2)
+  first = s.records()[0]
+  (tmp_path / first.trial.name).mkdir()
+  (tmp_path / first.trial.name / 'error.txt').write_text('exit code 1: error: broken\n')
+  s.fail(first, 'exit code 1: error: broken')
+  failed = s.records()[0]
+  assert failed.failed and not failed.live and s.records()[1].live
+  assert search._result(s, failed).status == 'failed'
+  s.retry(failed)
+  again = s.records()[0]
+  assert not again.failed and again.live
+  assert not (tmp_path / first.trial.name / 'error.txt').exists()
+  assert search._result(s, again).status == 'unfinished'

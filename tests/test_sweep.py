@@ -364,3 +364,17 @@ def test_slurm_launcher_without_slurm_is_one_line(tmp_path, digits_dir):
       'error: --launcher=slurm needs SLURM (sbatch, squeue, srun not found on PATH); run the '
       'sweep on a SLURM login node, or use --launcher=local.']
   assert not (tmp_path / 'sweep').exists()
+
+
+def test_one_controller_per_sweep_directory(tmp_path):
+  """A second controller on a directory whose sweep runs: the one line naming the holder
+  (exit 75 from the CLI: errors.Interrupted), before anything is read or started."""
+  from alexnet_jax import workdir
+  from alexnet_jax.errors import Interrupted
+  trial = trials.expand([{'model.lrn': False}])[0]
+  with workdir.Lock(str(tmp_path)) as held:
+    held.acquire()
+    with pytest.raises(Interrupted, match=rf'^workdir {tmp_path} is in use by pid {os.getpid()}'):
+      trials.run_sweep([trial], os.path.join(REPO, 'configs', 'default.py'), str(tmp_path),
+                       log=lambda line: None)
+  assert os.listdir(tmp_path) == ['lock']
