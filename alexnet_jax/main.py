@@ -8,7 +8,9 @@ a checkpoint once training has started, else at once; either way it says so and 
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -60,6 +62,10 @@ def main(args: list[str]) -> None:
       # Whatever the run had taken (lock, files) was released on the way here.
       print(f'{STOPPED}{signal.Signals(signals.early).name} before training started; run the '
             f'same command to start.', flush=True)
+      sys.stderr.flush()
+      # Leave now: tearing down a TensorFlow or XLA stopped half-way through starting can crash
+      # (SIGSEGV at exit, seen in experiments/soak_search.py), and nothing is left to save.
+      os._exit(0)
 
 
 if __name__ == '__main__':

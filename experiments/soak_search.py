@@ -59,6 +59,8 @@ GROUP = {'SIGINT group': signal.SIGINT, 'SIGTERM group': signal.SIGTERM,
          'SIGHUP group': signal.SIGHUP}
 LAUNCH = '$ python -m alexnet_jax.main'  # how launchers.run_task heads each start in log.txt
 SAVED = re.compile(r': val top-1 |Stopped by SIG\w+ at step|Paused at epoch')  # a checkpoint
+# A launch that reached its training loop: its progress bar (from its first step on) or a save.
+TRAINED = re.compile(r'step/s|' + SAVED.pattern)
 POLL_S = 0.5
 BY_EPOCHS = ('status', 'rung', 'epochs', 'val_top1_error', 'best_val_top1_error',
              'val_top5_error')  # the results.csv fields that follow from the epochs trained
@@ -221,13 +223,17 @@ def launches(search_dir: str, name: str) -> dict[str, int]:
     with open(os.path.join(search_dir, name, 'log.txt'), errors='replace') as f:
       segments = f.read().split(LAUNCH)[1:]
   except FileNotFoundError:
-    return {'starts': 0, 'scratch': 0, 'resumed': 0, 'lock': 0, 'duplicates': 0}
-  count = {'starts': starts, 'scratch': 0, 'resumed': 0, 'lock': 0, 'late scratch': 0}
+    return {'starts': 0, 'scratch': 0, 'resumed': 0, 'lock': 0, 'before training': 0,
+            'duplicates': 0}
+  count = {'starts': starts, 'scratch': 0, 'resumed': 0, 'lock': 0, 'late scratch': 0,
+           'before training': 0}
   for i, segment in enumerate(segments):
     if 'is in use by' in segment:
       count['lock'] += 1
     elif 'Resuming from step' in segment:
       count['resumed'] += 1
+    elif not TRAINED.search(segment):  # stopped or killed before its loop: neither trained
+      count['before training'] += 1
     else:
       count['scratch'] += 1
       count['late scratch'] += any(SAVED.search(s) for s in segments[:i])
@@ -569,10 +575,12 @@ def write_report(args, command, ref_seconds: float, disturbed_seconds: float, ro
                                                           '**no**: ' + '; '.join(
                                                               result['promotions'])) + '.', '',
             '| trial | metrics.jsonl and results.csv | \'starts\' in search_log | launches: from '
-            'scratch / resumed / lost the lock | from scratch after a checkpoint | two processes '
-            'at once | duplicate starts |', '|---|---|---|---|---|---|---|']
+            'scratch / resumed / lost the lock / ended before training | from scratch after a '
+            'checkpoint | two processes at once | duplicate starts |',
+            '|---|---|---|---|---|---|---|']
     out += [f'| {name} | {cell(verdict)} | {c["starts"]} | {c["scratch"]} / {c["resumed"]} / '
-            f'{c["lock"]} | {c.get("late scratch", 0)} | {c["concurrent"]} | {c["duplicates"]} |'
+            f'{c["lock"]} / {c.get("before training", 0)} | {c.get("late scratch", 0)} | '
+            f'{c["concurrent"]} | {c["duplicates"]} |'
             for name, verdict, c in result['trials']]
     if watch.concurrent:
       out += ['', 'Two training processes of one trial alive at once: ' + '; '.join(
