@@ -597,8 +597,9 @@ def _judge(search: Search, record: Record, status: launchers.Status, launched: M
 
 def _result(search: Search, record: Record) -> search_report.Result:
   """The report's view of a trial."""
+  error = ''
   if record.failed:
-    status = 'failed'
+    status, error = 'failed', record.frozen.user_attrs.get('error', '')
   elif record.reached >= search.max_epochs:
     status = 'done'
   elif record.reached >= record.target:
@@ -606,8 +607,7 @@ def _result(search: Search, record: Record) -> search_report.Result:
   else:
     ended = launchers.finished(os.path.join(search.workdir, record.trial.name))
     status = 'interrupted' if ended.state == 'interrupted' else 'unfinished'
-  error = (record.frozen.user_attrs.get('error', '') if record.failed else
-           ended.error if status == 'interrupted' else '')
+    error = ended.error if status == 'interrupted' else ''
   return search_report.Result(
       record.trial.name, record.trial.overrides, status, record.errors, record.top5, error,
       shlex.join(search.command(record.trial, search.max_epochs)))
